@@ -132,3 +132,43 @@ def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation
         base = AutoModelForCausalLM.from_pretrained(str(resolve_model(base_spec)), **kwargs)
         return PeftModel.from_pretrained(base, str(path))
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def _save_atomic(model, tokenizer, out: Path) -> Path:
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Fold a peft LoRA adapter into its base weights and save a plain HF model directory."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a peft adapter directory (no adapter_config.json)")
+    model = load_model(path).merge_and_unload()
+    return _save_atomic(model, load_tokenizer(path), Path(out))
+
+
+def interpolate(base: str | os.PathLike, tuned: str | os.PathLike, alpha: float, out: str | os.PathLike) -> Path:
+    """Weight-space interpolation θ = (1-α)·θ_base + α·θ_tuned (WiSE-FT); `tuned` may be an adapter."""
+    import torch
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ModelError(f"--interpolate {alpha}: alpha must be in [0, 1]")
+    tuned_model = load_model(tuned)
+    if hasattr(tuned_model, "merge_and_unload"):
+        tuned_model = tuned_model.merge_and_unload()
+    base_state = load_model(base).state_dict()
+    with torch.no_grad():
+        for name, p in tuned_model.state_dict().items():
+            if name not in base_state or base_state[name].shape != p.shape:
+                raise ModelError(f"{base} and {tuned} differ in parameter {name}; not the same architecture")
+            if p.is_floating_point():
+                p.copy_((1 - alpha) * base_state[name].to(p.dtype) + alpha * p)
+    return _save_atomic(tuned_model, load_tokenizer(tuned), Path(out))

@@ -1,0 +1,177 @@
+"""One typed training config: YAML file + dotted `key=value` overrides, validated by pydantic.
+
+Every field has a default and a one-line description; the same names are used in YAML, on the command
+line (`train.lr=1e-5`) and in the docs (`sftlab train --help-config` prints them all).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    path: str = Field("default", description="HF model dir, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="Weight dtype when loading (bf16 autocast: train.precision)")
+    attn_implementation: str | None = Field("sdpa", description="eager | sdpa | flash_attention_2 | flex_attention")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory")
+
+
+class LoraConfig(Strict):
+    enabled: bool = Field(False, description="Train a LoRA adapter (peft) instead of all weights")
+    r: int = Field(16, description="LoRA rank")
+    alpha: float = Field(32, description="LoRA alpha (scaling = alpha / r)")
+    dropout: float = Field(0.05, description="Dropout on the LoRA input")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt ('all-linear' or names)")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA)")
+
+
+class DataConfig(Strict):
+    train: list[str] = Field(default_factory=list, description="Training data: files, directories, globs, saved datasets")
+    eval: list[str] = Field(default_factory=list, description="Validation data (if empty, eval_fraction of train)")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out for validation when eval is empty")
+    format: str | None = Field(None, description="alpaca | prompt_completion | messages | sharegpt (None: detect)")
+    template: str = Field("default", description="'default' (tokenizer's), chatml, alpaca, or a .jinja path")
+    task_map: str | None = Field(None, description="JSON map file stem -> task")
+    task_field: str | None = Field(None, description="Record field with the task label")
+    strip: list[str] = Field(default_factory=list, description="Trailing text removed from responses")
+    max_length: int = Field(1024, ge=2, description="Maximum tokens per example")
+    truncation: Literal["truncate-prompt-left", "drop"] = Field("truncate-prompt-left", description="Over-long policy")
+    loss_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens are trained")
+    prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Loss weight of non-response tokens")
+    skip_invalid: bool = Field(False, description="Skip invalid records (counted) instead of failing")
+    dedup: bool = Field(False, description="Drop exact duplicate conversations")
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1, gt=0, description="Passes over the training data (fractions allowed)")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
+    batching: Literal["length_grouped", "packed"] = Field(
+        "length_grouped", description="Padded length-grouped micro-batches, or best-fit packed rows")
+    batch_tokens: int | None = Field(4096, description="Tokens per micro-batch (padded size or packed row length)")
+    batch_size: int | None = Field(None, description="Examples per micro-batch (instead of batch_tokens)")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per process per optimizer step")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps for linear warm-up")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping (None: off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast with fp32 master weights, or fp32")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward")
+    loss_chunk_size: int = Field(1024, ge=1, description="Trained positions per chunk of the LM-head loss")
+    seed: int = Field(0, description="Seed for data order, init and dropout")
+    eval_every: int | None = Field(None, description="Validation every N steps (None: at the end only)")
+    early_stopping_patience: int | None = Field(None, description="Stop after N evals without improvement")
+    save_every: int | None = Field(None, description="Checkpoint every N steps (None: at the end only)")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package)")
+    fused_adamw: bool | None = Field(None, description="Fused AdamW (None: where available)")
+    compile: bool = Field(False, description="torch.compile the model")
+
+
+class RunConfig(Strict):
+    output_dir: str = Field("runs/sft", description="Where checkpoints, metrics and the final model go")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, f in model.model_fields.items():
+        sub = f.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _all_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(key: str, schema: type[BaseModel]) -> str:
+    keys = _all_keys(schema)
+    last = key.split(".")[-1]
+    close = [k for k in keys if k.split(".")[-1] == last]  # right name, wrong section
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:
+        names = difflib.get_close_matches(last, [k.split(".")[-1] for k in keys], n=1, cutoff=0.5)
+        close = [k for k in keys if names and k.split(".")[-1] == names[0]]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must be key=value (e.g. train.lr=1e-5)")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[BaseModel] = RunConfig) -> BaseModel:
+    """Read YAML (optional), apply dotted overrides, validate; unknown keys name the nearest valid key."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+    for k, v in parse_overrides(overrides or []):
+        set_dotted(tree, k, v)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{key}'{_suggest(key, schema)}")
+            else:
+                lines.append(f"{key}: {err['msg']}")
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + "; ".join(lines)) from None
+
+
+def config_help(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every field, for docs and `--help-config`."""
+    rows = []
+    for name, f in schema.model_fields.items():
+        sub = f.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            rows += config_help(sub, f"{prefix}{name}.")
+        else:
+            default = f.default_factory() if f.default_factory else f.default
+            rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+    return rows
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

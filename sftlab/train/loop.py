@@ -1,0 +1,437 @@
+"""The SFT recipe, top to bottom: setup -> train (batches, forward, loss, backward, step, eval, checkpoint) -> save.
+
+Loss normalisation: the loss of an optimizer step is the sum of per-token NLL over *all* trained tokens
+of the global batch (every micro-batch of every process) divided by their count (or weight sum). Each
+process knows the whole step's token count in advance (the batch plan is deterministic), so every
+micro-batch backpropagates `its NLL sum / global count * world_size` (DDP averages gradients over
+processes); nothing is a mean of per-micro-batch means.
+
+Exact resume: the micro-batch stream is a pure function of (seed, epoch), so the data position is just
+the step number; parameters, optimizer, scheduler and RNG states come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..config import RunConfig, dump_config
+from ..data.packing import collate_packed, collate_padded, length_grouped_batches, pack_best_fit
+from ..data.pipeline import DataOptions, DataReport, iter_examples
+from ..data.template import ChatTemplate, render_conversation, resolve_template
+from ..data.tokenize import Example, TokenizeOptions
+from ..data.formats import Conversation, Message
+from ..models import load_model, load_tokenizer, resolve_model
+from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .loss import sft_loss_sum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; training stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    weight_change: dict = field(default_factory=dict)
+    model_dir: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def data_options(cfg: RunConfig) -> DataOptions:
+    d = cfg.data
+    return DataOptions(format=d.format, task_field=d.task_field, task_map=d.task_map, strip=tuple(d.strip),
+                       template=d.template, skip_invalid=d.skip_invalid, dedup=d.dedup,
+                       tokenize=TokenizeOptions(max_length=d.max_length, truncation=d.truncation,
+                                                loss_on=d.loss_on, prompt_loss_weight=d.prompt_loss_weight))
+
+
+def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give training data files (data.train=[path, ...])")
+    opts = data_options(cfg)
+    report = DataReport()
+    train = list(iter_examples(cfg.data.train, tokenizer, opts, report))
+    if not train:
+        raise ValueError("no training examples left after validation and truncation")
+    if cfg.data.eval:
+        evals = list(iter_examples(cfg.data.eval, tokenizer, opts))
+    elif cfg.data.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(len(train) * cfg.data.eval_fraction))
+        held = set(order[:n_eval])
+        evals = [ex for i, ex in enumerate(train) if i in held]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    else:
+        evals = []
+    return train, evals, report
+
+
+def end_of_turn_ids(tmpl: ChatTemplate, tokenizer) -> list[int]:
+    """Token ids of the template's end-of-turn marker (ChatML: <|im_end|>), found by rendering a probe."""
+    probe = Conversation([Message("user", "x"), Message("assistant", "y")])
+    rendered = render_conversation(probe, tmpl)
+    r = rendered.assistant_regions()[-1]
+    marker = rendered.text[r.content_end:r.end]
+    ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    return ids or [tokenizer.eos_token_id]
+
+
+def apply_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = cfg.lora
+    peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                          use_dora=lc.use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of one epoch, deterministic in (seed, epoch)."""
+    t = cfg.train
+    lengths = [len(ex.input_ids) for ex in examples]
+    if t.batching == "packed":
+        rows = pack_best_fit(lengths, t.batch_tokens or cfg.data.max_length)
+        random.Random(t.seed * 1_000_003 + epoch).shuffle(rows)
+        return rows
+    return length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
+                                  batch_size=t.batch_size, shuffle=True, seed=t.seed * 1_000_003 + epoch)
+
+
+class MicroBatchStream:
+    """The global stream of micro-batches, epoch after epoch; optimizer step k owns items [k*n, (k+1)*n)."""
+
+    def __init__(self, examples, cfg: RunConfig, per_step: int, world: int = 1):
+        self.examples, self.cfg, self.per_step = examples, cfg, per_step
+        self.per_epoch = len(epoch_batches(examples, cfg, 0))
+        self.total = max(1, int(round(cfg.train.epochs * self.per_epoch)))
+        self._cache: dict[int, list[list[int]]] = {}
+        if cfg.train.max_steps:
+            self.steps = cfg.train.max_steps
+        else:
+            n = math.ceil(self.total / per_step)
+            # every process needs at least one micro-batch in a step (DDP syncs once per step)
+            self.steps = n - 1 if n > 1 and self.total - (n - 1) * per_step < world else n
+
+    def _batch(self, i: int) -> list[int]:
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.examples, self.cfg, epoch)}
+        return self._cache[epoch][j]
+
+    def step(self, k: int) -> list[list[int]]:
+        lo, hi = k * self.per_step, (k + 1) * self.per_step
+        if not self.cfg.train.max_steps:
+            hi = min(hi, self.total)
+        return [self._batch(i) for i in range(lo, hi)]
+
+
+def collate(examples: list[Example], cfg: RunConfig, pad_id: int) -> dict:
+    batch = collate_packed(examples) if cfg.train.batching == "packed" else collate_padded(examples, pad_id)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def trained_weight(examples: list[Example]) -> float:
+    """Loss normaliser contribution: trained tokens (or their weights) that are actual targets."""
+    total = 0.0
+    for ex in examples:
+        if ex.weights is None:
+            total += sum(1 for x in ex.labels[1:] if x != -100)
+        else:
+            total += sum(w for w, x in zip(ex.weights[1:], ex.labels[1:]) if x != -100)
+    return total
+
+
+class SFTLossModule(torch.nn.Module):
+    """Model + chunked trained-token loss in one forward, so DDP/FSDP wrap a single module."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, batch: dict):
+        return sft_loss_sum(self.model, batch, chunk_size=self.chunk_size)
+
+
+def module_group(name: str) -> str:
+    n = name.lower()
+    for key, group in (("embed", "embeddings"), ("wte", "embeddings"), ("lm_head", "lm_head"),
+                       ("attn", "attention"), ("mlp", "mlp"), ("norm", "norms")):
+        if key in n:
+            return group
+    return "other"
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def weight_change(model, theta0: dict[str, torch.Tensor] | None, lora: bool) -> dict:
+    """Relative change ||θ-θ0|| / ||θ0|| overall and per module group (LoRA: ΔW of each adapted layer)."""
+    sq_d, sq_0 = {}, {}
+    if lora:
+        for name, mod in model.named_modules():
+            if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and "default" in getattr(mod, "lora_A", {}):
+                d = mod.get_delta_weight("default").detach().float()
+                w = mod.base_layer.weight.detach().float()
+                g = module_group(name)
+                sq_d[g] = sq_d.get(g, 0.0) + float(d.pow(2).sum())
+                sq_0[g] = sq_0.get(g, 0.0) + float(w.pow(2).sum())
+    else:
+        for n, p in model.named_parameters():
+            if n in theta0:
+                g = module_group(n)
+                sq_d[g] = sq_d.get(g, 0.0) + float((p.detach().float().cpu() - theta0[n]).pow(2).sum())
+                sq_0[g] = sq_0.get(g, 0.0) + float(theta0[n].pow(2).sum())
+    out = {g: math.sqrt(sq_d[g]) / math.sqrt(sq_0[g]) if sq_0[g] else 0.0 for g in sq_d}
+    total0 = sum(sq_0.values())
+    out["overall"] = math.sqrt(sum(sq_d.values())) / math.sqrt(total0) if total0 else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    console = console or Console(stderr=True)
+    t = cfg.train
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    out = Path(cfg.output_dir)
+    set_seed(t.seed)
+
+    # data
+    tokenizer = load_tokenizer(cfg.model.path)
+    tmpl = resolve_template(cfg.data.template, tokenizer)
+    train_ex, eval_ex, report = prepare_data(cfg, tokenizer)
+    per_step = t.grad_accum * world
+    stream = MicroBatchStream(train_ex, cfg, per_step, world)
+    total_steps = stream.steps
+
+    # model + optimizer
+    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            model.enable_input_require_grads()
+    theta0 = None if cfg.lora.enabled else snapshot(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = t.fused_adamw if t.fused_adamw is not None else None
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
+                                  **({"fused": fused} if fused is not None else {}))
+    warmup = int(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
+    module = SFTLossModule(model, t.loss_chunk_size)
+    if t.compile:
+        module = torch.compile(module)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # resume
+    step, best_eval, bad_evals, history = 0, None, 0, []
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partial(out)
+    accelerator.wait_for_everyone()
+    ckpts = list_checkpoints(out) if resume else []
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], accelerator.unwrap_model(module).model, optimizer, scheduler, rank)
+        if state.get("world_size", world) != world:
+            raise RuntimeError(f"{ckpts[-1]} was written by {state['world_size']} processes; resume with the same")
+        step, best_eval, bad_evals = state["step"], state.get("best_eval"), state.get("bad_evals", 0)
+        if is_main:
+            console.print(f"resuming from {ckpts[-1]} (step {step}/{total_steps})")
+    if is_main:
+        (out / "config.yaml").write_text(dump_config(cfg))
+    metrics_file = open(out / "metrics.jsonl", "a") if is_main else None
+    tb = _tensorboard(out, console) if (t.tensorboard and is_main) else None
+
+    def save(step_now: int):
+        state = {"step": step_now, "best_eval": best_eval, "bad_evals": bad_evals}
+        save_checkpoint(out, step_now, accelerator.unwrap_model(module).model, optimizer, scheduler, state,
+                        t.keep_last, rank, world, accelerator.wait_for_everyone)
+
+    def log(row: dict):
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, row["step"])
+
+    def evaluate() -> float | None:
+        if not eval_ex:
+            return None
+        module.eval()
+        s = torch.zeros(2, dtype=torch.float64)
+        lengths = [len(ex.input_ids) for ex in eval_ex]
+        batches = length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
+                                         batch_size=t.batch_size, shuffle=False, seed=0)
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if i % world != rank:
+                    continue
+                with accelerator.autocast():
+                    ls, ws = module(collate([eval_ex[j] for j in b], cfg, pad_id))
+                s += torch.tensor([float(ls), float(ws)], dtype=torch.float64)
+        s = accelerator.reduce(s.to(accelerator.device), reduction="sum").cpu()
+        module.train()
+        return float(s[0] / s[1]) if s[1] > 0 else None
+
+    # the loop
+    module.train()
+    last_loss, eval_loss, t_start = None, None, time.perf_counter()
+    n_tok_run = 0
+    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not is_main) as progress:
+        bar = progress.add_task("train", total=total_steps, completed=step, info="")
+        while step < total_steps:
+            t0 = time.perf_counter()
+            group = stream.step(step)  # this step's micro-batches, all processes
+            global_weight = sum(trained_weight([train_ex[j] for j in b]) for b in group)
+            mine = group[rank::world]
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            for i, b in enumerate(mine):
+                batch = collate([train_ex[j] for j in b], cfg, pad_id)
+                tokens += int(batch["input_ids"].numel())
+                sync = contextlib.nullcontext() if i == len(mine) - 1 else accelerator.no_sync(module)
+                with sync:
+                    with accelerator.autocast():
+                        ls, _ = module(batch)
+                    accelerator.backward(ls * (world / global_weight))
+                loss_sum += float(ls.detach())
+            total = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum").item()
+            loss = total / global_weight
+            if not math.isfinite(loss):
+                kept = list_checkpoints(out)
+                raise TrainingDiverged(f"step {step + 1}: loss is {loss}; stopped. Last good checkpoint: "
+                                       f"{kept[-1] if kept else 'none'} (lower train.lr or check the data)")
+            grad_norm = None
+            if t.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss
+            dt = time.perf_counter() - t0
+            n_tok_run += tokens
+            row = {"step": step, "epoch": step * per_step / stream.per_epoch, "loss": loss,
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "trained_tokens": global_weight,
+                   "tokens_per_s": tokens * world / dt, "trained_tokens_per_s": global_weight / dt}
+            if step % t.log_every == 0 or step == total_steps:
+                log(row)
+            progress.update(bar, advance=1, info=f"loss {loss:.4f}  {global_weight / dt:,.0f} trained tok/s")
+            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                eval_loss = evaluate()
+                if eval_loss is not None:
+                    log({"step": step, "eval_loss": eval_loss})
+                    if best_eval is None or eval_loss < best_eval:
+                        best_eval, bad_evals = eval_loss, 0
+                    else:
+                        bad_evals += 1
+                    if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
+                        console.print(f"early stopping at step {step}: eval loss did not improve for {bad_evals} evals")
+                        break
+            if t.save_every and step % t.save_every == 0 and step < total_steps:
+                save(step)
+
+    eval_loss = evaluate()
+    if eval_loss is not None:
+        log({"step": step, "eval_loss": eval_loss})
+    save(step)
+    unwrapped = accelerator.unwrap_model(module).model
+    change = weight_change(unwrapped, theta0, cfg.lora.enabled)
+    model_dir = None
+    if is_main:
+        model_dir = save_final(unwrapped, tokenizer, tmpl, cfg, out)
+        summary = {"steps": step, "final_loss": last_loss, "eval_loss": eval_loss, "weight_change": change,
+                   "train_examples": len(train_ex), "eval_examples": len(eval_ex), "data": report.as_dict(),
+                   "tasks": sorted({str(ex.task) for ex in train_ex if ex.task is not None}),
+                   "data_fingerprint": fingerprint(train_ex), "wall_s": time.perf_counter() - t_start,
+                   "model_dir": str(model_dir)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        metrics_file.close()
+        console.print(f"[green]done[/] {step} steps, final loss {last_loss:.4f}"
+                      + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
+                      + f", weights moved {change['overall']:.2e} (relative) -> {model_dir}", highlight=False)
+    accelerator.wait_for_everyone()
+    return TrainResult(out, step, last_loss, eval_loss, change, model_dir)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path) -> Path:
+    """HF-format output: full model dir, or a peft adapter dir; tokenizer carries the training template."""
+    eot = end_of_turn_ids(tmpl, tokenizer)
+    target = out / ("adapter" if cfg.lora.enabled else "model")
+    tmp = out / f".{target.name}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora.enabled:
+        model.peft_config["default"].base_model_name_or_path = str(resolve_model(cfg.model.path).resolve())
+        model.save_pretrained(tmp)
+    else:
+        model.config.use_cache = True
+        gen = model.generation_config
+        gen.eos_token_id = sorted(set(eot + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+        gen.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.chat_template = tmpl.source
+    tokenizer.save_pretrained(tmp)
+    (tmp / "sftlab_train_config.yaml").write_text(dump_config(cfg))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _tensorboard(out: Path, console: Console):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        console.print("[yellow]train.tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
