@@ -101,8 +101,14 @@ def _message_list(value, where: Location, name: str, role_key="role", content_ke
     return out
 
 
+def _require(rec: dict, name: str, where: Location):
+    if rec.get(name) is None:
+        raise DataError(where, "missing_field", f"{name!r}")
+    return rec[name]
+
+
 def from_prompt_completion(rec: dict, where: Location) -> list[Message]:
-    prompt, completion = rec.get("prompt"), rec.get("completion")
+    prompt, completion = _require(rec, "prompt", where), _require(rec, "completion", where)
     system = _str_field(rec, "system", where, required=False)
     head = [Message("system", system)] if system else []
     if isinstance(prompt, str) and isinstance(completion, str):
@@ -122,11 +128,12 @@ def from_prompt_completion(rec: dict, where: Location) -> list[Message]:
 
 
 def from_messages(rec: dict, where: Location) -> list[Message]:
-    return _message_list(rec["messages"], where, "messages")
+    return _message_list(_require(rec, "messages", where), where, "messages")
 
 
 def from_sharegpt(rec: dict, where: Location) -> list[Message]:
-    msgs = _message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+    msgs = _message_list(_require(rec, "conversations", where), where, "conversations", "from", "value",
+                         SHAREGPT_ROLES)
     system = rec.get("system")
     if isinstance(system, str) and system:
         msgs = [Message("system", system)] + msgs
@@ -138,7 +145,8 @@ NORMALISERS = {"alpaca": from_alpaca, "prompt_completion": from_prompt_completio
 
 
 def strip_suffixes(text: str, suffixes: tuple[str, ...]) -> str:
-    """Remove trailing artefacts (e.g. a literal '<|endoftext|>'), repeatedly, and the whitespace before them."""
+    """Remove trailing artefacts (e.g. a literal '<|endoftext|>'), repeatedly, with any whitespace after them;
+    the text before an artefact is kept as it is."""
     changed = True
     while changed and suffixes:
         changed = False

@@ -20,12 +20,19 @@ EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "c
 BOM = b"\xef\xbb\xbf"
 # Columns that hold message lists; in CSV they arrive as JSON text.
 JSON_COLUMNS = ("messages", "conversations", "prompt", "completion")
+# Of those, the ones that may also be plain strings: parsed only when the text is a JSON list of messages.
+STRING_OR_JSON_COLUMNS = ("prompt", "completion")
 
 csv.field_size_limit(sys.maxsize)
 
 
 def _is_hf_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _inside_hf_dataset(path: Path, root: Path | None = None) -> bool:
+    """True for the files of a `save_to_disk` dataset (its .json metadata is not data)."""
+    return any(_is_hf_dataset(d) for d in path.parents if root is None or d.is_relative_to(root))
 
 
 def expand_paths(inputs: list[str | Path]) -> list[Path]:
@@ -36,8 +43,9 @@ def expand_paths(inputs: list[str | Path]) -> list[Path]:
         if _is_hf_dataset(p):
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in EXTENSIONS)
-            found += sorted(d for d in p.rglob("*") if _is_hf_dataset(d))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in EXTENSIONS
+                           and not _inside_hf_dataset(f, p))
+            found += sorted(d for d in p.rglob("*") if _is_hf_dataset(d) and not _inside_hf_dataset(d, p))
             if not found:
                 raise FileNotFoundError(f"{p}: directory has no .jsonl/.json/.csv/.parquet files")
             out.extend(found)
@@ -47,7 +55,8 @@ def expand_paths(inputs: list[str | Path]) -> list[Path]:
             out.append(p)
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in globlib.glob(str(item), recursive=True)
-                           if Path(f).suffix in EXTENSIONS or _is_hf_dataset(Path(f)))
+                           if (Path(f).is_file() and Path(f).suffix in EXTENSIONS and not _inside_hf_dataset(Path(f)))
+                           or _is_hf_dataset(Path(f)))
             if not found:
                 raise FileNotFoundError(f"{item}: glob matches no data files")
             out.extend(found)
@@ -119,8 +128,10 @@ def read_csv(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
             return
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
+        last_line = 1 if reader.fieldnames is not None else 0
         for row in reader:
-            where = Location(str(path), line=reader.line_num)
+            # a quoted field may span lines: name the record's first line
+            where, last_line = Location(str(path), line=last_line + 1), reader.line_num
             if any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in row.values()):
                 yield where, DataError(where, "non_utf8", "a field holds bytes that are not UTF-8")
                 continue
@@ -132,10 +143,15 @@ def read_csv(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
             for k, v in row.items():
                 if k in JSON_COLUMNS and isinstance(v, str) and v.lstrip().startswith("["):
                     try:
-                        v = json.loads(v)
+                        parsed = json.loads(v)
                     except json.JSONDecodeError as e:
-                        bad = DataError(where, "invalid_json", f"column {k!r}: {e.msg}")
-                        break
+                        if k in STRING_OR_JSON_COLUMNS:  # a prompt that merely starts with '['
+                            parsed = v
+                        else:
+                            bad = DataError(where, "invalid_json", f"column {k!r}: {e.msg}")
+                            break
+                    is_messages = isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed)
+                    v = parsed if is_messages or k not in STRING_OR_JSON_COLUMNS else v
                 rec[k] = v
             yield where, (bad if bad else rec)
 

@@ -73,7 +73,7 @@ def tokenize_to_file(inputs, model: str, opts: DataOptions, out: Path, console: 
             f.write(json.dumps(row, separators=(",", ":")) + "\n")
     dt = time.perf_counter() - t0
     console.print(f"[green]done[/] {_summary_line(report, f'{report.kept / max(dt, 1e-9):,.0f} examples/s')} -> {out}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     return report
 
 
@@ -114,7 +114,7 @@ def inspect_data(inputs, model: str, opts: DataOptions, console: Console, as_jso
     else:
         _print_inspect(stats, report, sample, tokenizer, console)
     extra = f"{n_tokens:,} tokens, {stats['trained_fraction']:.1%} trained"
-    console.print(f"[green]done[/] {_summary_line(report, extra)}", highlight=False)
+    console.print(f"[green]done[/] {_summary_line(report, extra)}", highlight=False, soft_wrap=True)
     return stats
 
 

@@ -121,6 +121,25 @@ class Rendered:
         return [r for r in self.regions if r.role == "assistant"]
 
 
+_PROBE = "\x00sftlab-probe\x00"
+
+
+def _content_start(tmpl: ChatTemplate, msgs: list[dict], k: int, full: str, start: int) -> int | None:
+    """Where message k's content starts in `full` (rendered up to k), searching from `start`; None if not verbatim.
+
+    A content that occurs more than once (e.g. a user message '<|im_end|>', or 'user') is located by rendering
+    the message with a probe content instead, which gives the template's header for it."""
+    content = msgs[k]["content"]
+    cs = full.find(content, start) if content else -1
+    if cs < 0 or full.find(content, cs + 1) < 0:
+        return cs if cs >= 0 else None
+    probe = tmpl.render(msgs[:k] + [{**msgs[k], "content": _PROBE}])
+    hs = probe.find(_PROBE, start)
+    if hs >= 0 and probe[:hs] == full[:hs] and full.startswith(content, hs):
+        return hs
+    return None
+
+
 def render_conversation(conv: Conversation, tmpl: ChatTemplate) -> Rendered:
     msgs = conv.as_dicts()
     prev = ""
@@ -145,9 +164,9 @@ def render_conversation(conv: Conversation, tmpl: ChatTemplate) -> Rendered:
             eot = len(full[ce:].rstrip())  # the end-of-turn marker; trailing separators are not trained
             regions.append(Region(k, m.role, len(prev), cs, ce, ce + eot, m.trained))
         else:
-            cs = full.find(m.content, len(prev)) if m.content else -1
-            regions.append(Region(k, m.role, len(prev), cs if cs >= 0 else None,
-                                  cs + len(m.content) if cs >= 0 else None, len(full), False))
+            cs = _content_start(tmpl, msgs, k, full, len(prev))
+            regions.append(Region(k, m.role, len(prev), cs, cs + len(m.content) if cs is not None else None,
+                                  len(full), False))
         prev = full
     return Rendered(prev, regions)
 

@@ -115,13 +115,25 @@ def _token_range(offsets: list[tuple], a: int, b: int, where: Location) -> tuple
     return i, j
 
 
+def _last_prompt_token(offsets: list[tuple], rendered: Rendered) -> int:
+    """Index of the token holding the last character of the message before the last assistant turn (the end
+    of its instruction); the assistant header if there is no such text. Left truncation may cut up to it."""
+    last = rendered.assistant_regions()[-1]
+    anchor = last.start
+    for r in rendered.regions[: last.message][::-1]:
+        if r.content_start is not None and r.content_end > r.content_start:
+            anchor = r.content_end - 1
+            break
+    return bisect_right([e for _, e in offsets], anchor)
+
+
 def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts: TokenizeOptions,
                   where: Location, task: str | None = None) -> Example:
     n = len(ids)
     labels = [IGNORE] * n
     spans = trained_spans(rendered, opts.loss_on)
-    for a, b in spans:
-        i, j = _token_range(offsets, a, b, where)
+    token_spans = [_token_range(offsets, a, b, where) for a, b in spans]
+    for i, j in token_spans:
         labels[i:j] = ids[i:j]
     if not any(x != IGNORE for x in labels):
         raise DataError(where, "no_trained_tokens", f"loss_on={opts.loss_on}")
@@ -133,12 +145,20 @@ def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts
     if opts.max_length is not None and n > opts.max_length:
         if opts.truncation == "drop":
             raise Dropped("too_long")
-        # Keep the end: the whole last response plus as much of the instruction as fits.
-        last = rendered.assistant_regions()[-1]
-        resp_start, _ = _token_range(offsets, last.content_start, last.end, where)
+        # Keep the end: the whole last response, its header and at least the end of the instruction before it.
         cut = n - opts.max_length
-        if cut > resp_start:
+        if cut > _last_prompt_token(offsets, rendered):
             raise Dropped("response_too_long")
+        if opts.loss_on != "all":
+            # An earlier response cut in the middle would be trained without its start: it becomes prompt.
+            for i, j in token_spans:
+                if i < cut < j:
+                    if weights is None:
+                        labels[cut:j] = [IGNORE] * (j - cut)
+                    else:
+                        weights[cut:j] = [opts.prompt_loss_weight] * (j - cut)
+            if not any(labels[k] != IGNORE and (weights is None or weights[k] == 1.0) for k in range(cut, n)):
+                raise Dropped("response_too_long")  # the only trained response was the one cut
         ids, labels = ids[cut:], labels[cut:]
         weights = weights[cut:] if weights is not None else None
         truncated = True

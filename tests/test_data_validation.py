@@ -1,0 +1,294 @@
+"""Malformed input: one test per reason in `validate.REASONS`, through the Python API (DataError naming file,
+line or record index, and reason) and the CLI (non-zero exit, the same message on stderr); --skip-invalid
+counts per reason; exact duplicates reported and dropped with --dedup."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sftlab.cli import app
+from sftlab.data.pipeline import DataOptions, DataReport, load_examples
+from sftlab.data.validate import REASONS, DataError
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+GOOD_MSGS = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]}
+# A template that shows only the last exchange: earlier turns vanish, so masks could not be exact.
+LAST_TWO_ONLY = (
+    "{% for message in messages[-2:] %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Renders the last assistant turn differently from earlier ones: earlier answers lose their reasoning (as
+# Qwen3-style templates do), so what is trained for turn 1 is not what the model later sees in context.
+STRIP_EARLIER_THINKING = (
+    "{% for message in messages %}"
+    "{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and not loop.last %}"
+    "{% set content = content.split('</think>')[-1] %}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The last assistant turn gets a header the generation prompt does not write: training and inference differ.
+FINAL_HEADER = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>final\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MULTI = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>hm</think>b"},
+                      {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+
+
+def line(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+# reason -> (file name, file bytes, expected location suffix, extra CLI options)
+BAD_FILES = {
+    "invalid_json": ("bad.jsonl", line(GOOD) + b'{"instruction": "x", "output": \n', ":2", []),
+    "not_object": ("bad.jsonl", line(GOOD) + line(GOOD) + b'["instruction", "output"]\n', ":3", []),
+    "wrong_type": ("bad.jsonl", line(GOOD) + line({"instruction": 5, "output": "x"}), ":2", []),
+    "missing_field": ("bad.jsonl", line(GOOD_MSGS) + line({"messages": [{"role": "user"}]}), ":2", []),
+    "empty_response": ("bad.jsonl", line(GOOD) + line({"instruction": "x", "input": "", "output": " \n"}), ":2", []),
+    "unknown_role": ("bad.jsonl", line(GOOD_MSGS) + line({"messages": [{"role": "robot", "content": "x"},
+                                                                        {"role": "assistant", "content": "y"}]}),
+                     ":2", []),
+    "no_assistant_turn": ("bad.jsonl", line(GOOD_MSGS) + line({"messages": [{"role": "user", "content": "x"}]}),
+                          ":2", []),
+    "non_utf8": ("bad.jsonl", line(GOOD) + line(GOOD).replace(b"Hi!", b"Hi\xff!"), ":2", []),
+    "bom": ("bad.jsonl", b"\xef\xbb\xbf" + line(GOOD) + line(GOOD), ":1", []),
+    "mixed_formats": ("bad.jsonl", line(GOOD) + line(GOOD_MSGS), ":2", []),
+    "unknown_format": ("bad.jsonl", line(GOOD) + line({"question": "x", "answer": "y"}), ":2", []),
+    "template": ("bad.jsonl", line(GOOD_MSGS) + line(MULTI), ":2", ["--template", "last_two.jinja"]),
+    "boundary_merge": ("bad.jsonl", line(GOOD) + line({"instruction": "x", "input": "", "output": "\n\nHello"}),
+                       ":2", []),
+    "no_trained_tokens": ("bad.jsonl", line(GOOD_MSGS) + line(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "train": False}]}),
+        ":2", []),
+}
+
+
+def test_every_reason_has_a_malformed_file():
+    assert set(BAD_FILES) == set(REASONS)
+
+
+@pytest.fixture
+def runner(monkeypatch, tokenizer):
+    """CLI runner; --model default resolves to the already loaded tokenizer (saves ~1 s per invocation)."""
+    import sftlab.models
+
+    monkeypatch.setattr(sftlab.models, "load_tokenizer", lambda spec: tokenizer)
+    return CliRunner()
+
+
+def write_bad(tmp_path, reason):
+    name, data, loc, cli = BAD_FILES[reason]
+    (tmp_path / "last_two.jinja").write_text(LAST_TWO_ONLY, encoding="utf-8")
+    path = tmp_path / name
+    path.write_bytes(data)
+    cli = [str(tmp_path / c) if c.endswith(".jinja") else c for c in cli]
+    return path, loc, cli
+
+
+def options_from_cli(cli: list[str], **kw) -> DataOptions:
+    return DataOptions(template=cli[1] if cli else "default", **kw)
+
+
+@pytest.mark.parametrize("reason", list(REASONS))
+def test_reason_python_api(tmp_path, tokenizer, reason):
+    path, loc, cli = write_bad(tmp_path, reason)
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, options_from_cli(cli))
+    err = e.value
+    assert err.reason == reason
+    assert err.where.file == str(path) and f"{err.where}" == f"{path}{loc}"
+    assert str(err).startswith(f"{path}{loc}: {REASONS[reason]}")
+    # --skip-invalid: the same record is counted under its reason and the good ones are kept
+    report = DataReport()
+    kept = load_examples([path], tokenizer, options_from_cli(cli, skip_invalid=True), report)
+    assert dict(report.invalid.counts) == {reason: 1}
+    assert report.invalid.examples == [str(err)]
+    assert len(kept) == report.kept == report.records - 1
+
+
+@pytest.mark.parametrize("reason", list(REASONS))
+def test_reason_cli(tmp_path, runner, reason):
+    path, loc, cli = write_bad(tmp_path, reason)
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["data", "tokenize", str(path), "--out", str(out), *cli])
+    assert result.exit_code == 1, result.output
+    assert f"error: {path}{loc}: {REASONS[reason]}" in result.stderr
+    assert not out.exists()  # nothing half-written
+    result = runner.invoke(app, ["data", "tokenize", str(path), "--out", str(out), "--skip-invalid", *cli])
+    assert result.exit_code == 0, result.output
+    assert f"invalid skipped {reason}=1" in result.stderr
+    assert len(out.read_text().splitlines()) == (2 if reason == "not_object" else 1)
+
+
+# ---- other containers: the location is a line (CSV, JSON syntax) or a record index (JSON array, Parquet) -------
+def test_json_array_errors_name_the_record_index(tmp_path, tokenizer):
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([GOOD, GOOD, {"instruction": "x", "output": ["not", "a", "string"]}]))
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("wrong_type", f"{path}[record 2]")
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:3")
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}))
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert e.value.reason == "wrong_type" and "array" in str(e.value)
+
+
+def test_csv_errors_name_the_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        w.writerow(["Say hi.", "", "Hi!"])
+        w.writerow(["multi\nline instruction", "", "ok"])
+        w.writerow(["x", "", ""])
+        w.writerow(["another\nmulti-line one", "", ""])
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}:5")  # after a 2-line record
+    report = DataReport()
+    load_examples([path], tokenizer, DataOptions(skip_invalid=True), report)
+    assert report.invalid.examples[1].startswith(f"{path}:6: empty response")  # a record's first line
+    path.write_bytes(b"instruction,input,output\nSay hi.,,Hi!\nSay hi.,,H\xe9!\n")
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("non_utf8", f"{path}:3")
+    path.write_bytes(b"\xef\xbb\xbfinstruction,input,output\nSay hi.,,Hi!\n")
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("bom", f"{path}:1")
+    path.write_bytes(b'messages\n"[{""role"": ""user"", ""content"": ""x""},"\n')
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:2")
+
+
+def test_parquet_errors_name_the_record_index(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD, {"instruction": "x", "input": "", "output": ""}]), path)
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions())
+    assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}[record 1]")
+
+
+def test_format_override_missing_field(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line(GOOD))
+    for fmt, field in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", None),
+                       ("prompt_completion", "prompt")):
+        rec = GOOD if field else {"instruction": "x", "input": ""}
+        path.write_bytes(line(rec))
+        with pytest.raises(DataError) as e:
+            load_examples([path], tokenizer, DataOptions(format=fmt))
+        assert (e.value.reason, str(e.value.where)) == ("missing_field", f"{path}:1")
+        assert repr(field or "output") in str(e.value)
+
+
+@pytest.mark.parametrize("source,first_bad,says,kept", [
+    (LAST_TWO_ONLY, 2, "is not prefix-stable", 2),
+    (STRIP_EARLIER_THINKING, 2, "is not prefix-stable", 2),
+    (FINAL_HEADER, 1, "generation prompt for message 1 is not a prefix", 0),
+])
+def test_unstable_template_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, source, first_bad, says, kept):
+    tmpl = tmp_path / "odd.jinja"
+    tmpl.write_text(source, encoding="utf-8")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line(GOOD_MSGS) + line(MULTI) + line(GOOD_MSGS) + line(MULTI))
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions(template=str(tmpl)))
+    assert (e.value.reason, str(e.value.where)) == ("template", f"{path}:{first_bad}")
+    assert says in str(e.value)
+    report = DataReport()
+    examples = load_examples([path], tokenizer, DataOptions(template=str(tmpl), skip_invalid=True), report)
+    assert len(examples) == kept and dict(report.invalid.counts) == {"template": 4 - kept}
+    for ex in examples:  # the single-turn examples that remain are exact
+        trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
+        assert tokenizer.decode(trained) == "Hi!<|im_end|>"
+
+
+def test_template_that_rewrites_content_is_an_error(tmp_path, tokenizer):
+    tmpl = tmp_path / "upper.jinja"
+    tmpl.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content']|upper + '\n' }}{% endfor %}"
+                    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", encoding="utf-8")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line(GOOD_MSGS))
+    with pytest.raises(DataError) as e:
+        load_examples([path], tokenizer, DataOptions(template=str(tmpl)))
+    assert e.value.reason == "template" and "content does not follow" in str(e.value)
+
+
+def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, runner):
+    a = tmp_path / "a.jsonl"
+    a.write_bytes(b"\xef\xbb\xbf" + line(GOOD) + line(GOOD) + b"{oops\n" + b"[1]\n"
+                  + line({"instruction": 5, "output": "x"}) + line({"instruction": "x", "output": ""})
+                  + line(GOOD_MSGS) + line({"foo": 1}) + line(GOOD).replace(b"Hi!", b"\xc3\x28")
+                  + line({"instruction": "Two", "output": "Second."}))
+    b = tmp_path / "b.jsonl"
+    b.write_bytes(line(GOOD_MSGS) + line({"messages": [{"role": "robot", "content": "x"}]})
+                  + line({"messages": [{"role": "user", "content": "x"}]}) + line({"messages": [{"role": "user"}]})
+                  + line({"messages": [{"role": "user", "content": "x"},
+                                       {"role": "assistant", "content": "y", "train": False}]})
+                  + line({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nz"}]})
+                  + line({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}))
+    expected = {"bom": 1, "invalid_json": 1, "not_object": 1, "wrong_type": 1, "empty_response": 1,
+                "mixed_formats": 1, "unknown_format": 1, "non_utf8": 1, "unknown_role": 1, "no_assistant_turn": 1,
+                "missing_field": 1, "no_trained_tokens": 1, "boundary_merge": 1}
+    report = DataReport()
+    kept = load_examples([tmp_path], tokenizer, DataOptions(skip_invalid=True), report)
+    assert dict(report.invalid.counts) == expected
+    assert report.records == 17 and report.kept == len(kept) == 4
+    assert [e.task for e in kept] == ["a", "a", "b", "b"]
+    with pytest.raises(DataError):
+        load_examples([tmp_path], tokenizer, DataOptions())
+    out = tmp_path / "out" / "x.jsonl"
+    result = runner.invoke(app, ["data", "tokenize", str(a), str(b), "--out", str(out), "--skip-invalid"])
+    assert result.exit_code == 0, result.output
+    assert "4 examples kept of 17 records; 13 invalid skipped" in result.stderr
+    assert len(out.read_text().splitlines()) == 4
+    result = runner.invoke(app, ["data", "inspect", str(a), str(b), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["invalid"]["by_reason"] == expected and stats["kept"] == 4
+
+
+def test_duplicates_reported_and_dropped(tmp_path, tokenizer, runner):
+    other = {"instruction": "Say bye.", "input": "", "output": "Bye!"}
+    path = tmp_path / "dups.jsonl"
+    # the alpaca duplicate differs only in how the record spells it, not in the conversation
+    path.write_bytes(line(GOOD) + line(other) + line({"output": "Hi!", "instruction": "Say hi."}) + line(GOOD))
+    report = DataReport()
+    kept = load_examples([path], tokenizer, DataOptions(), report)
+    assert len(kept) == 4 and report.duplicates == 2 and report.duplicates_dropped == 0
+    report = DataReport()
+    kept = load_examples([path], tokenizer, DataOptions(dedup=True), report)
+    assert len(kept) == 2 and report.duplicates == 2 and report.duplicates_dropped == 2
+    assert report.first_duplicates == [f"{path}:3", f"{path}:4"]
+    assert kept[0].input_ids != kept[1].input_ids
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["data", "tokenize", str(path), "--out", str(out), "--dedup"])
+    assert result.exit_code == 0, result.output
+    assert "2 duplicates dropped" in result.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["input_ids"] for r in rows] == [e.input_ids for e in kept]
+    result = runner.invoke(app, ["data", "inspect", str(path), "--json"])
+    assert json.loads(result.stdout)["duplicates"] == 2
