@@ -41,7 +41,7 @@ def write_data(path: Path, n: int = 48, seed: int = 0) -> Path:
 def make_cfg(tmp_path: Path, model_dir: Path, out: str, *extra: str):
     data = write_data(tmp_path / "train.jsonl") if not (tmp_path / "train.jsonl").exists() else tmp_path / "train.jsonl"
     return load_config(None, [f"output_dir={tmp_path / out}", f"model.path={model_dir}", f"data.train=[{data}]",
-                              "data.max_length=128", "train.lr=1e-3", "train.warmup_ratio=0", "train.seed=3",
+                              "data.max_length=128", "data.task_field=task", "train.lr=1e-3", "train.warmup_ratio=0", "train.seed=3",
                               "model.attn_implementation=eager", *extra])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -223,7 +224,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
 
     console = console or Console(stderr=True)
     t = cfg.train
-    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    # several processes on a machine without GPUs (torchrun / accelerate launch): gloo on CPU
+    cpu_procs = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=cpu_procs)
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out = Path(cfg.output_dir)
     set_seed(t.seed)
@@ -259,7 +262,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # resume
-    step, best_eval, bad_evals, history = 0, None, 0, []
+    step, best_eval, bad_evals, initial_eval = 0, None, 0, None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
@@ -270,6 +273,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         if state.get("world_size", world) != world:
             raise RuntimeError(f"{ckpts[-1]} was written by {state['world_size']} processes; resume with the same")
         step, best_eval, bad_evals = state["step"], state.get("best_eval"), state.get("bad_evals", 0)
+        initial_eval = state.get("initial_eval")
         if is_main:
             console.print(f"resuming from {ckpts[-1]} (step {step}/{total_steps})")
     if is_main:
@@ -278,7 +282,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     tb = _tensorboard(out, console) if (t.tensorboard and is_main) else None
 
     def save(step_now: int):
-        state = {"step": step_now, "best_eval": best_eval, "bad_evals": bad_evals}
+        state = {"step": step_now, "best_eval": best_eval, "bad_evals": bad_evals, "initial_eval": initial_eval}
         save_checkpoint(out, step_now, accelerator.unwrap_model(module).model, optimizer, scheduler, state,
                         t.keep_last, rank, world, accelerator.wait_for_everyone)
 
@@ -313,6 +317,10 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     # the loop
     module.train()
     last_loss, eval_loss, t_start = None, None, time.perf_counter()
+    if step == 0:
+        initial_eval = evaluate()  # the base model's validation loss, for comparison
+    if step == 0 and initial_eval is not None:
+        log({"step": 0, "eval_loss": initial_eval})
     n_tok_run = 0
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -379,7 +387,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     model_dir = None
     if is_main:
         model_dir = save_final(unwrapped, tokenizer, tmpl, cfg, out)
-        summary = {"steps": step, "final_loss": last_loss, "eval_loss": eval_loss, "weight_change": change,
+        summary = {"steps": step, "final_loss": last_loss, "initial_eval_loss": initial_eval, "eval_loss": eval_loss,
+                   "weight_change": change,
                    "train_examples": len(train_ex), "eval_examples": len(eval_ex), "data": report.as_dict(),
                    "tasks": sorted({str(ex.task) for ex in train_ex if ex.task is not None}),
                    "data_fingerprint": fingerprint(train_ex), "wall_s": time.perf_counter() - t_start,
@@ -387,7 +396,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics_file.close()
         console.print(f"[green]done[/] {step} steps, final loss {last_loss:.4f}"
-                      + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
+                      + (f", eval loss {initial_eval:.4f} -> {eval_loss:.4f}" if initial_eval is not None
+                         and eval_loss is not None else f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
                       + f", weights moved {change['overall']:.2e} (relative) -> {model_dir}", highlight=False)
     accelerator.wait_for_everyone()
     return TrainResult(out, step, last_loss, eval_loss, change, model_dir)
