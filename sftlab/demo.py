@@ -26,7 +26,7 @@ EVAL_SPLITS = ("heldout_instances", "heldout_tasks")
 def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[str]):
     return load_config(None, [
         f"output_dir={out / 'train'}", f"model.path={model}", f"data.train=[{data['train']}]",
-        f"data.eval=[{data['heldout_instances']}]", "data.max_length=256",
+        f"data.eval=[{data['heldout_instances']}]", "data.task_field=task", "data.max_length=256",
         "train.epochs=2", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
         "train.precision=bf16", "train.save_every=20", "train.eval_every=20", *overrides])
 
@@ -36,7 +36,7 @@ def _read(path: Path) -> list[dict]:
 
 
 def answer_all(model_spec, records: dict[str, list[dict]], console: Console, label: str,
-               max_new_tokens: int = 24) -> dict[str, list[str]]:
+               max_new_tokens: int = 16) -> dict[str, list[str]]:
     model = load_model(model_spec).eval()
     tokenizer = load_tokenizer(model_spec)
     total = sum(len(v) for v in records.values())

@@ -1,0 +1,1 @@
+"""Evaluation: answer metrics (exact match, ROUGE-L) for generated outputs."""
