@@ -27,8 +27,8 @@ def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[st
     return load_config(None, [
         f"output_dir={out / 'train'}", f"model.path={model}", f"data.train=[{data['train']}]",
         f"data.eval=[{data['heldout_instances']}]", "data.task_field=task", "data.max_length=256",
-        "train.epochs=2", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
-        "train.precision=bf16", "train.save_every=20", "train.eval_every=20", *overrides])
+        "train.epochs=1", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
+        "train.precision=bf16", "train.save_every=8", "train.eval_every=8", *overrides])
 
 
 def _read(path: Path) -> list[dict]:

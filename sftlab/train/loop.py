@@ -29,9 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import RunConfig, dump_config
 from ..data.packing import collate_packed, collate_padded, length_grouped_batches, pack_best_fit
 from ..data.pipeline import DataOptions, DataReport, iter_examples
-from ..data.template import ChatTemplate, render_conversation, resolve_template
+from ..data.template import ChatTemplate, resolve_template
+from ..generate import end_of_turn_ids
 from ..data.tokenize import Example, TokenizeOptions
-from ..data.formats import Conversation, Message
 from ..models import load_model, load_tokenizer, resolve_model
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .loss import sft_loss_sum
@@ -80,16 +80,6 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example
     else:
         evals = []
     return train, evals, report
-
-
-def end_of_turn_ids(tmpl: ChatTemplate, tokenizer) -> list[int]:
-    """Token ids of the template's end-of-turn marker (ChatML: <|im_end|>), found by rendering a probe."""
-    probe = Conversation([Message("user", "x"), Message("assistant", "y")])
-    rendered = render_conversation(probe, tmpl)
-    r = rendered.assistant_regions()[-1]
-    marker = rendered.text[r.content_end:r.end]
-    ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
-    return ids or [tokenizer.eos_token_id]
 
 
 def apply_lora(model, cfg: RunConfig):

@@ -1,0 +1,168 @@
+"""Forgetting probes: general-knowledge QA and plain-text perplexity, compared before and after tuning.
+
+QA probe (any JSONL/JSON/CSV/Parquet with a question field and an answer field holding one gold answer
+or a list of them, e.g. Natural Questions open):
+- `gold_nll`: for each gold answer g, the conversation [user: prompt(question), assistant: g] is rendered
+  with the chat template and tokenized by the data layer; the answer's NLL is the mean over its trained
+  tokens (the answer tokens plus the end-of-turn marker). A question's value is the minimum over its
+  gold answers (the model is credited with the answer it finds likeliest). Lower is better.
+- `exact_match`: the greedy short generation, normalised (`metrics.normalise_answer`), equals any
+  normalised gold answer.
+- `contains`: any normalised gold answer occurs as whole words inside the normalised generation (the
+  lenient variant for chatty models; reported beside exact match, never instead of it).
+`prompt(question)` is `--qa-prompt` with `{question}` filled in (default: the question alone).
+
+Perplexity (`--text FILE`): `.txt` files are one document; `.jsonl`/`.json` files hold one document per
+record in the `text` field. Each document is tokenized as the model's tokenizer does by default and cut
+into non-overlapping windows of `window` tokens; every token but a window's first is predicted.
+Perplexity = exp(total NLL / predicted tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from ..data.formats import Conversation, Message
+from ..data.load import expand_paths, read_records
+from ..data.tokenize import Example, TokenizeOptions
+from ..data.validate import DataError, InvalidLog, Location
+from .metrics import contains_answer, exact_match
+from .scoring import tokenize_conversations
+
+
+@dataclass
+class QaItem:
+    where: str
+    question: str
+    answers: list[str]
+    prompt: str
+    gold: list[Example]  # one tokenized conversation per usable gold answer
+
+
+def _answers(value, where: Location, field: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise DataError(where, "wrong_type", f"{field!r} must be a string or a list of strings")
+    answers = [a.strip() for a in value if a.strip()]
+    if not answers:
+        raise DataError(where, "empty_response", f"{field!r} holds no non-empty answer")
+    return answers
+
+
+def _qa_record(where: Location, rec, question_field: str, answer_field: str) -> tuple[str, list[str]]:
+    if isinstance(rec, DataError):
+        raise rec
+    if not isinstance(rec, dict):
+        raise DataError(where, "not_object", f"got {type(rec).__name__}")
+    for f in (question_field, answer_field):
+        if rec.get(f) is None:
+            raise DataError(where, "missing_field", f"{f!r} (set --question-field / --answer-field)")
+    question = rec[question_field]
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(where, "wrong_type", f"{question_field!r} must be a non-empty string")
+    return question, _answers(rec[answer_field], where, answer_field)
+
+
+def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question", answer_field: str = "answer",
+            prompt_format: str = "{question}", limit: int | None = None, skip_invalid: bool = False,
+            invalid: InvalidLog | None = None, max_length: int | None = None, seed: int = 0) -> list[QaItem]:
+    """The valid QA records of every file (with `limit`: a seeded random sample of that many per file, in file
+    order), with their gold answers tokenized for scoring."""
+    from .generalization import sample_records
+
+    if "{question}" not in prompt_format:
+        raise ValueError(f"--qa-prompt {prompt_format!r} must contain {{question}}")
+    invalid = invalid if invalid is not None else InvalidLog()
+    tok_opts = TokenizeOptions(max_length=max_length)
+
+    def valid(path):
+        for where, rec in read_records(path):
+            try:
+                yield where, *_qa_record(where, rec, question_field, answer_field)
+            except DataError as e:
+                if not skip_invalid:
+                    raise
+                invalid.add(e)
+
+    items: list[QaItem] = []
+    for path in expand_paths(inputs):
+        records = list(valid(path)) if limit is None else sample_records(valid(path), limit, f"{seed}:{path.name}")
+        for where, question, answers in records:
+            prompt = prompt_format.replace("{question}", question)
+            convs = [Conversation([Message("user", prompt), Message("assistant", a)], None, where) for a in answers]
+            gold = [ex for ex in tokenize_conversations(convs, tokenizer, tmpl, tok_opts) if isinstance(ex, Example)]
+            if not gold:
+                e = DataError(where, "template", "no gold answer could be tokenized as a response")
+                if not skip_invalid:
+                    raise e
+                invalid.add(e)
+                continue
+            items.append(QaItem(str(where), question, answers, prompt, gold))
+    return items
+
+
+def qa_rows(items: list[QaItem], gold_nll: list[float], generations: list[str]) -> list[dict]:
+    """Per question: gold_nll (min over gold answers), exact_match, contains, generation."""
+    return [{"where": it.where, "gold_nll": nll, "exact_match": float(exact_match(gen, it.answers)),
+             "contains": float(contains_answer(gen, it.answers)), "generation": gen}
+            for it, nll, gen in zip(items, gold_nll, generations, strict=True)]
+
+
+def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
+    """Fold the flat per-gold NLLs (in `items` order) into the per-question minimum of mean NLLs."""
+    out, k = [], 0
+    for it in items:
+        out.append(min(n.mean for n in nlls[k:k + len(it.gold)]))
+        k += len(it.gold)
+    return out
+
+
+QA_METRICS = ("gold_nll", "exact_match", "contains")
+
+
+def summarise_qa(rows: list[dict]) -> dict:
+    return {"n": len(rows), **{m: sum(r[m] for r in rows) / len(rows) if rows else None for m in QA_METRICS}}
+
+
+# ---- perplexity -----------------------------------------------------------------------------------------------
+def read_text_windows(path: str | Path, tokenizer, window: int = 1024, text_field: str = "text",
+                      limit: int | None = None) -> list[Example]:
+    """Documents of a text file cut into windows of `window` tokens (all tokens scored)."""
+    if window < 2:
+        raise ValueError("--text-window must be at least 2 tokens")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        docs = []
+        for where, rec in islice(read_records(path), limit):
+            if isinstance(rec, DataError):
+                raise rec
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                raise DataError(where, "missing_field", f"{text_field!r} (a string) for perplexity")
+            docs.append(rec[text_field])
+    else:
+        try:
+            docs = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise DataError(Location(str(path)), "non_utf8", f"byte 0x{e.object[e.start]:02x}") from None
+    windows = []
+    for doc in docs:
+        ids = tokenizer(doc).input_ids
+        for s in range(0, len(ids), window):
+            chunk = ids[s:s + window]
+            if len(chunk) >= 2:
+                windows.append(Example(chunk, list(chunk)))
+    if not windows:
+        raise ValueError(f"{path}: no text to score (need at least 2 tokens)")
+    return windows
+
+
+def summarise_text(nlls) -> dict:
+    total, tokens = sum(n.total for n in nlls), sum(n.tokens for n in nlls)
+    nll = total / tokens
+    return {"windows": len(nlls), "tokens": tokens, "nll": nll, "perplexity": math.exp(nll)}

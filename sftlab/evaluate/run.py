@@ -1,0 +1,417 @@
+"""`sftlab eval`: task metrics, general-knowledge probe and perplexity for a model (and its base), with
+paired-bootstrap deltas, a few-shot prompting baseline and side-by-side generations.
+
+The recipe: load data once with the evaluated model's tokenizer and chat template -> for each model
+(model, then base): NLL forward passes, greedy generations, QA probe, perplexity -> per-task and macro
+summaries -> deltas (model minus base) -> `DIR/metrics.json`, `DIR/examples.jsonl`, a terminal summary.
+Both models are scored on identical token sequences (the base must share the tokenizer's vocabulary).
+
+Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA probe, perplexity).
+
+`DIR/metrics.json` (schema_version 1; every metric is a float or null where it does not apply):
+
+    {
+      "schema_version": 1, "created": ISO time, "wall_s": float,
+      "model": str, "base": str | null, "template": str,
+      "options": {limit, general_limit, seed, bootstrap, max_new_tokens, qa_max_new_tokens, qa_prompt, few_shot,
+                  max_labels, text_window, batch_size, batch_tokens, max_length},
+      "training_tasks": [str] | null,        # from the model's RUN/summary.json, null if unknown
+      "data": {"files": [str], "examples": int, "report": DataReport.as_dict(),
+               "label_sets": {task: [label] | null}, "generation_budgets": {task: int}},
+      "results": {                           # "base" only with --base
+        "model" | "base": {
+          "tasks": {task: {"n", "seen": bool | null, "nll", "exact_match", "rouge_l", "accuracy"}},
+          "macro": {"all": MACRO, "seen": MACRO | null, "unseen": MACRO | null},   # seen/unseen only
+                   # when training_tasks is known; MACRO = {"tasks", "n", "nll", "exact_match",
+                   # "rouge_l", "accuracy"} (means over tasks)
+          "general": {"qa": {file: {"n", "gold_nll", "exact_match", "contains"}},
+                      "text": {file: {"windows", "tokens", "nll", "perplexity"}}}}},
+      "deltas": null | {                     # model minus base; DELTA = {"delta", "ci95": [lo, hi], "n"}
+        "tasks": {task: {metric: DELTA | null}},
+        "macro": {"all" | "seen" | "unseen": {metric: DELTA | null} | null},
+        "general": {"qa": {file: {"gold_nll" | "exact_match" | "contains": DELTA}},
+                    "text": {file: {"nll": DELTA, "perplexity_ratio": float}}}},
+      "few_shot": null | {"k": int, "tasks": [str], "n": int,
+                          "base_k_shot": {"tasks", "macro"}, "model_zero_shot": {"tasks", "macro"},
+                          "delta": {"tasks", "macro"}},     # model zero-shot minus base k-shot
+      "generations": [{"kind": "task" | "qa", "task", "where", "prompt", "reference",
+                       "model", "base" | null, "base_k_shot" | null}]
+    }
+
+Deltas are paired bootstrap 95 % intervals over examples (`metrics.paired_bootstrap_ci`, seeded); macro
+deltas resample within each task and average over tasks; the perplexity delta is in mean NLL per token
+(`perplexity_ratio` = exp(delta)). For NLL and perplexity lower is better; for the rest higher.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..data.formats import Conversation
+from ..data.load import expand_paths
+from ..data.pipeline import DataOptions, DataReport
+from ..data.template import resolve_template
+from ..data.tokenize import Example
+from ..data.validate import InvalidLog
+from . import forgetting as fg
+from . import generalization as gz
+from .scoring import example_nll, tokenize_conversations
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    out: Path
+    data: list[str] = field(default_factory=list)
+    base: str | None = None
+    general: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    limit: int | None = None  # seeded random sample of N valid examples per file (task data, QA; text: first N)
+    general_limit: int | None = None  # QA records per --general file (None: --limit)
+    question_field: str = "question"
+    answer_field: str = "answer"
+    qa_prompt: str = "{question}"
+    few_shot: int = 0  # K: base with K shots vs model zero-shot on held-out tasks (needs --base)
+    generations: int = 5  # side-by-side generations kept in metrics.json
+    max_new_tokens: int = 64
+    qa_max_new_tokens: int = 32
+    batch_size: int = 8  # prompts per generation batch
+    batch_tokens: int = 4096  # padded tokens per NLL forward pass
+    max_labels: int = 20
+    text_window: int = 1024
+    text_field: str = "text"
+    bootstrap: int = 1000
+    seed: int = 0
+    dtype: str = "fp32"
+    data_opts: DataOptions = field(default_factory=DataOptions)
+
+    def __post_init__(self):
+        for name, v in (("--limit", self.limit), ("--general-limit", self.general_limit)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be at least 1, got {v}")
+        if self.few_shot < 0:
+            raise ValueError(f"--few-shot must be >= 0, got {self.few_shot}")
+        if self.bootstrap < 1:
+            raise ValueError(f"--bootstrap must be at least 1, got {self.bootstrap}")
+        if not (self.data or self.general or self.text):
+            raise ValueError("nothing to evaluate: pass --data, --general or --text")
+        # Scores are over exactly the response tokens: prompt tokens never count, whatever the training weight.
+        self.data_opts = replace(self.data_opts, tokenize=replace(self.data_opts.tokenize, prompt_loss_weight=0.0))
+
+
+@dataclass
+class Inputs:
+    """Everything scored, prepared once with the evaluated model's tokenizer."""
+
+    items: list[gz.TaskItem]
+    qa: dict[str, list[fg.QaItem]]
+    text: dict[str, list[Example]]
+    few: list[tuple[int, Example, Conversation]]  # (item index, k-shot example, k-shot conversation)
+    few_tasks: list[str]
+    report: DataReport
+    qa_invalid: InvalidLog
+
+
+def _check_same_vocab(tokenizer, base_spec: str) -> None:
+    from ..models import load_tokenizer
+
+    if load_tokenizer(base_spec).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--base {base_spec}: its tokenizer's vocabulary differs from the model's; base and model "
+                         "must be scored on the same tokens")
+
+
+def prepare(opts: EvalOptions, tokenizer, tmpl, training_tasks: list[str] | None, console: Console) -> Inputs:
+    from ..data.stats import record_progress
+
+    report = DataReport()
+    items = []
+    if opts.data:
+        with record_progress(opts.data, console, "read data") as tick:
+            items = gz.load_task_items(opts.data, tokenizer, opts.data_opts, opts.limit, report, on_record=tick,
+                                       seed=opts.seed)
+    qa_invalid = InvalidLog()
+    qa = {}
+    for path in expand_paths(opts.general) if opts.general else []:
+        qa[str(path)] = fg.read_qa([path], tokenizer, tmpl, opts.question_field, opts.answer_field, opts.qa_prompt,
+                                   opts.limit if opts.general_limit is None else opts.general_limit,
+                                   opts.data_opts.skip_invalid, qa_invalid,
+                                   opts.data_opts.tokenize.max_length, opts.seed)
+    text = {str(p): fg.read_text_windows(p, tokenizer, opts.text_window, opts.text_field, opts.limit) for p in opts.text}
+    few, few_tasks = [], []
+    if opts.few_shot and opts.base and items:
+        seen = set(training_tasks or ())
+        few_tasks = sorted({it.task for it in items if it.task not in seen})
+        idx = [i for i, it in enumerate(items) if it.task in set(few_tasks)]
+        convs = gz.few_shot_conversations([items[i] for i in idx], opts.few_shot, opts.seed)
+        for i, conv, ex in zip(idx, convs, tokenize_conversations(convs, tokenizer, tmpl, opts.data_opts.tokenize)):
+            if isinstance(ex, Example):  # a k-shot prompt the length policy drops is left out of the comparison
+                few.append((i, ex, conv))
+    return Inputs(items, qa, text, few, few_tasks, report, qa_invalid)
+
+
+def _generate_grouped(model, tokenizer, tmpl, prompts: list, budgets: list[int], batch_size: int, on_batch) -> list[str]:
+    """Greedy replies, one `generate` call per distinct token budget."""
+    from ..generate import generate
+
+    out = [""] * len(prompts)
+    for budget in sorted(set(budgets)):
+        idx = [i for i, b in enumerate(budgets) if b == budget]
+        replies = generate(model, tokenizer, [prompts[i] for i in idx], tmpl, max_new_tokens=budget,
+                           do_sample=False, batch_size=batch_size, on_batch=on_batch)
+        for i, r in zip(idx, replies):
+            out[i] = r
+    return out
+
+
+def score_model(model, tokenizer, tmpl, inp: Inputs, opts: EvalOptions, labels, budgets, label: str,
+                console: Console, with_few_shot: bool) -> dict:
+    """Per-example rows for one model: task rows, QA rows per file, text NLLs per file, k-shot rows."""
+    pad = tokenizer.pad_token_id
+    columns = (TextColumn(f"[bold]{label}" + " {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    out: dict = {"tasks": [], "qa": {}, "text": {}, "few": []}
+    with Progress(*columns, console=console) as progress:
+        def bar(name: str, total: int):
+            t = progress.add_task(name, total=total)
+            return lambda n: progress.advance(t, n)
+
+        if inp.items:
+            nlls = example_nll(model, [it.example for it in inp.items], pad, opts.batch_tokens,
+                               bar("task NLL", len(inp.items)))
+            gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in inp.items],
+                                     [budgets[it.task] for it in inp.items], opts.batch_size,
+                                     bar("task generation", len(inp.items)))
+            out["tasks"] = gz.score_task_rows(inp.items, nlls, gens, labels)
+        for path, items in inp.qa.items():
+            name = Path(path).name
+            gold = [ex for it in items for ex in it.gold]
+            nlls = example_nll(model, gold, pad, opts.batch_tokens, bar(f"{name} gold NLL", len(gold)))
+            gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in items],
+                                     [opts.qa_max_new_tokens] * len(items), opts.batch_size,
+                                     bar(f"{name} generation", len(items)))
+            out["qa"][path] = fg.qa_rows(items, fg.min_gold_nll(items, nlls), gens)
+        for path, windows in inp.text.items():
+            out["text"][path] = example_nll(model, windows, pad, opts.batch_tokens,
+                                            bar(f"{Path(path).name} perplexity", len(windows)))
+        if with_few_shot and inp.few:
+            items = [inp.items[i] for i, _, _ in inp.few]
+            nlls = example_nll(model, [ex for _, ex, _ in inp.few], pad, opts.batch_tokens,
+                               bar(f"{opts.few_shot}-shot NLL", len(inp.few)))
+            prompts = [Conversation(c.messages[:-1], c.task, c.where) for _, _, c in inp.few]
+            gens = _generate_grouped(model, tokenizer, tmpl, prompts, [budgets[it.task] for it in items],
+                                     opts.batch_size, bar(f"{opts.few_shot}-shot generation", len(inp.few)))
+            out["few"] = gz.score_task_rows(items, nlls, gens, labels)
+    return out
+
+
+def summarise_model(rows: dict, training_tasks) -> dict:
+    s = gz.summarise_tasks(rows["tasks"], training_tasks) if rows["tasks"] else {"tasks": {}, "macro": {}}
+    s["general"] = {"qa": {p: fg.summarise_qa(r) for p, r in rows["qa"].items()},
+                    "text": {p: fg.summarise_text(n) for p, n in rows["text"].items()}}
+    return s
+
+
+def general_deltas(base: dict, tuned: dict, n_resamples: int, seed: int) -> dict:
+    out = {"qa": {}, "text": {}}
+    for path, rows in tuned["qa"].items():
+        out["qa"][path] = {m: gz.delta_entry([r[m] for r in base["qa"][path]], [r[m] for r in rows], None, None,
+                                             n_resamples, seed) for m in fg.QA_METRICS}
+    for path, nlls in tuned["text"].items():
+        b = base["text"][path]
+        entry = gz.delta_entry([n.mean for n in b], [n.mean for n in nlls], None, [n.tokens for n in nlls],
+                               n_resamples, seed)
+        out["text"][path] = {"nll": entry, "perplexity_ratio": math.exp(entry["delta"])}
+    return out
+
+
+def side_by_side(inp: Inputs, rows: dict[str, dict], n: int) -> list[dict]:
+    """Up to n generations, one task at a time in turn (then QA questions), for every model."""
+    out = []
+    few_gen = {i: r["generation"] for (i, _, _), r in zip(inp.few, rows.get("base", {}).get("few", []))}
+    by_task: dict[str, list[int]] = {}
+    for i, it in enumerate(inp.items):
+        by_task.setdefault(it.task, []).append(i)
+    order = [idx[k] for k in range(max(map(len, by_task.values()), default=0)) for idx in by_task.values() if k < len(idx)]
+    for i in order[:n]:
+        it = inp.items[i]
+        prompt = next((m.content for m in reversed(it.prompt.messages) if m.role != "system"), "")
+        out.append({"kind": "task", "task": it.task, "where": it.where, "prompt": prompt, "reference": it.reference,
+                    "model": rows["model"]["tasks"][i]["generation"],
+                    "base": rows["base"]["tasks"][i]["generation"] if "base" in rows else None,
+                    "base_k_shot": few_gen.get(i)})
+    for path, items in inp.qa.items():
+        for k, it in enumerate(items[: max(0, n - len(out))]):
+            out.append({"kind": "qa", "task": Path(path).name, "where": it.where, "prompt": it.prompt,
+                        "reference": " | ".join(it.answers), "model": rows["model"]["qa"][path][k]["generation"],
+                        "base": rows["base"]["qa"][path][k]["generation"] if "base" in rows else None,
+                        "base_k_shot": None})
+    return out
+
+
+def evaluate(opts: EvalOptions, console: Console | None = None) -> dict:
+    """Run the evaluation, write `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics."""
+    from ..data.stats import atomic_write
+    from ..models import load_model, load_tokenizer
+
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(opts.model)
+    tmpl = resolve_template(opts.data_opts.template, tokenizer)
+    if opts.base:
+        _check_same_vocab(tokenizer, opts.base)
+    training_tasks = gz.training_tasks_of(opts.model)
+    inp = prepare(opts, tokenizer, tmpl, training_tasks, console)
+    if not (inp.items or inp.qa or inp.text):
+        raise ValueError("no valid example to evaluate in the given files")
+    labels = gz.task_label_sets(inp.items, opts.max_labels)
+    budgets = gz.generation_budgets(inp.items, tokenizer, opts.max_new_tokens)
+
+    rows: dict[str, dict] = {}
+    for role, spec in (("model", opts.model), ("base", opts.base)):
+        if spec is None:
+            continue
+        model = load_model(spec, dtype=opts.dtype)
+        rows[role] = score_model(model, tokenizer, tmpl, inp, opts, labels, budgets, role, console,
+                                 with_few_shot=role == "base")
+        del model
+        gc.collect()
+
+    results = {role: summarise_model(r, training_tasks) for role, r in rows.items()}
+    deltas = few = None
+    if "base" in rows:
+        deltas = {"tasks": {}, "macro": {}}
+        if inp.items:
+            deltas = gz.task_deltas(rows["base"]["tasks"], rows["model"]["tasks"], training_tasks, opts.bootstrap,
+                                    opts.seed)
+        deltas["general"] = general_deltas(rows["base"], rows["model"], opts.bootstrap, opts.seed)
+        if inp.few:
+            zero = [rows["model"]["tasks"][i] for i, _, _ in inp.few]
+            few = {"k": opts.few_shot, "tasks": inp.few_tasks, "n": len(inp.few),
+                   "base_k_shot": gz.summarise_tasks(rows["base"]["few"], None),
+                   "model_zero_shot": gz.summarise_tasks(zero, None),
+                   "delta": gz.task_deltas(rows["base"]["few"], zero, None, opts.bootstrap, opts.seed)}
+    metrics = {
+        "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": None, "model": str(opts.model), "base": str(opts.base) if opts.base else None, "template": tmpl.name,
+        "options": {"limit": opts.limit, "general_limit": opts.general_limit, "seed": opts.seed,
+                    "bootstrap": opts.bootstrap,
+                    "max_new_tokens": opts.max_new_tokens, "qa_max_new_tokens": opts.qa_max_new_tokens,
+                    "qa_prompt": opts.qa_prompt, "few_shot": opts.few_shot, "max_labels": opts.max_labels,
+                    "text_window": opts.text_window, "batch_size": opts.batch_size, "batch_tokens": opts.batch_tokens,
+                    "max_length": opts.data_opts.tokenize.max_length},
+        "training_tasks": training_tasks,
+        "data": {"files": [str(p) for p in opts.data], "examples": len(inp.items), "report": inp.report.as_dict(),
+                 "qa_invalid": {"total": inp.qa_invalid.total, "by_reason": dict(inp.qa_invalid.counts),
+                                "first": inp.qa_invalid.examples},
+                 "label_sets": labels, "generation_budgets": budgets},
+        "results": results, "deltas": deltas, "few_shot": few,
+        "generations": side_by_side(inp, rows, opts.generations),
+    }
+    metrics["wall_s"] = time.perf_counter() - t0
+    out = Path(opts.out)
+    with atomic_write(out / "examples.jsonl") as f:
+        for role, r in rows.items():
+            for row in r["tasks"]:
+                f.write(json.dumps({"model": role, "kind": "task", **row}, ensure_ascii=False) + "\n")
+            for row in r["few"]:
+                f.write(json.dumps({"model": role, "kind": f"{opts.few_shot}-shot", **row}, ensure_ascii=False) + "\n")
+            for path, qrows in r["qa"].items():
+                for row in qrows:
+                    f.write(json.dumps({"model": role, "kind": "qa", "file": path, **row}, ensure_ascii=False) + "\n")
+    with atomic_write(out / "metrics.json") as f:
+        f.write(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    print_summary(metrics, Console())
+    if inp.report.special_text:
+        console.print("[bold yellow]warning:[/] data text contains control-token strings, scored as plain text: "
+                      + ", ".join(f"{k!r} x{v}" for k, v in inp.report.special_text.items())
+                      + " (remove trailing artefacts with --strip)", highlight=False)
+    console.print(f"[green]done[/] {summary_line(metrics)} in {metrics['wall_s']:.0f}s -> {out / 'metrics.json'}",
+                  highlight=False)
+    return metrics
+
+
+# ---- terminal summary ---------------------------------------------------------------------------------------------
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def _fmt_delta(d: dict | None, pct: bool = False) -> str:
+    if not d:
+        return ""
+    s = 100 if pct else 1
+    return f" ({s * d['delta']:+.{1 if pct else 3}f} [{s * d['ci95'][0]:+.{1 if pct else 3}f}, {s * d['ci95'][1]:+.{1 if pct else 3}f}])"
+
+
+TASK_COLS = (("nll", "NLL", False), ("exact_match", "EM %", True), ("rouge_l", "ROUGE-L %", True),
+             ("accuracy", "acc %", True))
+
+
+def print_summary(m: dict, out: Console) -> None:
+    res, deltas = m["results"]["model"], m["deltas"] or {}
+    if res["tasks"]:
+        t = Table(title="task metrics: model" + (" (Δ vs base [95% CI])" if deltas else ""))
+        for name in ("task", "seen", "n") + tuple(c[1] for c in TASK_COLS):
+            t.add_column(name, justify="left" if name == "task" else "right")
+        rows = [(k, v, deltas.get("tasks", {}).get(k, {})) for k, v in res["tasks"].items()]
+        rows += [(f"macro ({k})", v, deltas.get("macro", {}).get(k) or {}) for k, v in res["macro"].items() if v]
+        for name, v, d in rows:
+            seen = v.get("seen")
+            t.add_row(name, "" if seen is None else ("seen" if seen else "unseen"), str(v["n"]),
+                      *[_fmt(v[key], pct) + _fmt_delta(d.get(key), pct) for key, _, pct in TASK_COLS])
+        out.print(t)
+    gen = res["general"]
+    if gen["qa"] or gen["text"]:
+        t = Table(title="general knowledge / perplexity")
+        for name in ("file", "metric", "base", "model", "Δ [95% CI]"):
+            t.add_column(name, justify="left" if name in ("file", "metric") else "right")
+        base = m["results"].get("base", {}).get("general", {})
+        for kind, metric_names in (("qa", fg.QA_METRICS), ("text", ("nll", "perplexity"))):
+            for path, v in gen[kind].items():
+                for metric in metric_names:
+                    pct = metric in ("exact_match", "contains")
+                    b = base.get(kind, {}).get(path, {}).get(metric) if base else None
+                    d = (deltas.get("general", {}).get(kind, {}).get(path, {}) or {}).get(metric)
+                    t.add_row(Path(path).name, metric, _fmt(b, pct), _fmt(v[metric], pct), _fmt_delta(d, pct).strip(" ()"))
+        out.print(t)
+    if m["few_shot"]:
+        f = m["few_shot"]
+        t = Table(title=f"prompting baseline on {len(f['tasks'])} held-out tasks: base {f['k']}-shot vs model zero-shot")
+        for name in ("metric", f"base {f['k']}-shot", "model 0-shot", "Δ [95% CI]"):
+            t.add_column(name, justify="right")
+        for key, label, pct in TASK_COLS:
+            t.add_row(label, _fmt(f["base_k_shot"]["macro"]["all"][key], pct),
+                      _fmt(f["model_zero_shot"]["macro"]["all"][key], pct),
+                      _fmt_delta(f["delta"]["macro"]["all"].get(key), pct).strip(" ()"))
+        out.print(t)
+
+
+def summary_line(m: dict) -> str:
+    res = m["results"]["model"]
+    parts = []
+    if res["tasks"]:
+        a = res["macro"]["all"]
+        parts.append(f"{m['data']['examples']:,} examples in {len(res['tasks'])} tasks: macro NLL {a['nll']:.3f}, "
+                     f"EM {100 * a['exact_match']:.1f}%, ROUGE-L {100 * a['rouge_l']:.1f}%")
+        d = (m["deltas"] or {}).get("macro", {}).get("all")
+        if d:
+            parts.append(f"Δ NLL vs base {d['nll']['delta']:+.3f} [{d['nll']['ci95'][0]:+.3f}, {d['nll']['ci95'][1]:+.3f}]")
+    for path, v in res["general"]["qa"].items():
+        parts.append(f"{Path(path).parent.name}/{Path(path).name}: gold NLL {v['gold_nll']:.3f}, "
+                     f"EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% (n={v['n']})")
+    for path, v in res["general"]["text"].items():
+        parts.append(f"{Path(path).name}: perplexity {v['perplexity']:.2f}")
+    return "; ".join(parts)

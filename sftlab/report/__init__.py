@@ -1,0 +1,1 @@
+"""HTML report of runs: audit, training curves, evaluation, forgetting (`sftlab report`)."""

@@ -1,0 +1,375 @@
+"""`sftlab report`: one self-contained static HTML file for one or more runs.
+
+What it reads from each RUN_DIR (every part optional; a missing part is shown as "not available"):
+- `summary.json` and `metrics.jsonl` (training: `step, loss` and `step, eval_loss` lines);
+- `audit/examples.jsonl` + `audit/tasks.json` (`sftlab audit`), or the directory itself if it is one;
+- `eval/metrics.json` (`sftlab eval`, schema in `sftlab.evaluate.run`), or `metrics.json` in the directory.
+
+Sections (ids): `overview`, `audit` (table + s_cond vs s_uncond scatter), `loss` (curves), `tasks`
+(per-task before/after bars split seen/unseen, table with CIs, prompting baseline), `forgetting` (table
+with CIs), `tradeoff` (task gain vs forgetting, from two runs on), `generations` (side by side).
+No network resources, no scripts: figures are inline base64 PNGs; all text from data and files is
+HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from . import plots
+
+SECTIONS = ("overview", "audit", "loss", "tasks", "forgetting", "tradeoff", "generations")
+MAX_TEXT = 2000  # characters of a prompt or generation shown
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#1d2733;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #d8dee6;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}th,td{border:1px solid #d8dee6;padding:.25em .55em;vertical-align:top}
+th{background:#f1f4f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.text{white-space:pre-wrap;max-width:30em;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em}
+.muted{color:#6b7785}.good{color:#18794e}.bad{color:#b42318}img{max-width:100%;border:1px solid #eef1f5}
+nav a{margin-right:1em}.verdict-known{color:#18794e}.verdict-latent{color:#b54708}.verdict-unknown{color:#b42318}
+"""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    summary: dict | None = None
+    train_log: list[dict] = field(default_factory=list)
+    audit_rows: list[dict] = field(default_factory=list)
+    audit_tasks: dict | None = None
+    eval: dict | None = None
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    run = Run(path.name or str(path), path)
+    run.summary = _read_json(path / "summary.json")
+    run.train_log = _read_jsonl(path / "metrics.jsonl")
+    for audit in (path / "audit", path):
+        if (audit / "tasks.json").is_file() or (audit / "examples.jsonl").is_file() and audit.name == "audit":
+            run.audit_tasks = _read_json(audit / "tasks.json")
+            run.audit_rows = _read_jsonl(audit / "examples.jsonl")
+            break
+    for ev in (path / "eval" / "metrics.json", path / "metrics.json"):
+        data = _read_json(ev)
+        if isinstance(data, dict) and "schema_version" in data and "results" in data:
+            run.eval = data
+            break
+    if not (run.summary or run.train_log or run.audit_tasks or run.audit_rows or run.eval):
+        raise ValueError(f"{path}: nothing to report (no summary.json, metrics.jsonl, audit/tasks.json or "
+                         "eval/metrics.json)")
+    return run
+
+
+# ---- HTML helpers -------------------------------------------------------------------------------------------------
+def _num(v, digits: int = 3, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return escape(str(v))
+    return f"{100 * v:.1f}" if pct else (f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}")
+
+
+def _delta(d: dict | None, pct: bool = False, lower_better: bool = False) -> str:
+    """Δ with its 95 % CI, coloured when the CI excludes zero."""
+    if not d:
+        return "–"
+    s = 100 if pct else 1
+    nd = 1 if pct else 3
+    lo, hi = d["ci95"]
+    cls = ""
+    if lo > 0 or hi < 0:
+        better = (d["delta"] < 0) if lower_better else (d["delta"] > 0)
+        cls = " class='good'" if better else " class='bad'"
+    return f"<span{cls}>{s * d['delta']:+.{nd}f} [{s * lo:+.{nd}f}, {s * hi:+.{nd}f}]</span>"
+
+
+def _table(headers: list[str], rows: list[list[str]], num_cols: set[int] = frozenset(),
+           text_cols: set[int] = frozenset()) -> str:
+    """Cells are already-escaped HTML; headers are escaped here."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        cells = []
+        for i, c in enumerate(r):
+            cls = " class='num'" if i in num_cols else (" class='text'" if i in text_cols else "")
+            cells.append(f"<td{cls}>{c}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(b64: str | None, alt: str) -> str:
+    if not b64:
+        return f"<p class='muted'>{escape(alt)}: nothing to plot.</p>"
+    return f"<img alt='{escape(alt, quote=True)}' src='data:image/png;base64,{b64}'>"
+
+
+def _text(s, limit: int = MAX_TEXT) -> str:
+    if s is None:
+        return "<span class='muted'>–</span>"
+    s = str(s)
+    return escape(s[:limit] + (" …" if len(s) > limit else ""))
+
+
+def _na(what: str) -> str:
+    return f"<p class='muted'>{escape(what)}</p>"
+
+
+def _stat(v):
+    """A task statistic that may be a number or a quantile dict: its median (else mean)."""
+    if isinstance(v, dict):
+        return v.get("p50", v.get("mean"))
+    return v
+
+
+# ---- sections -----------------------------------------------------------------------------------------------------
+def section_overview(runs: list[Run]) -> str:
+    rows = []
+    for r in runs:
+        s = r.summary or {}
+        ev = r.eval or {}
+        rows.append([escape(r.name), _text(str(r.path)), _num(s.get("steps")), _num(s.get("final_loss")),
+                     _num(s.get("eval_loss")), _num(len(s["tasks"])) if isinstance(s.get("tasks"), list) else "–",
+                     escape(str(ev.get("model", "–"))), escape(str(ev.get("base") or "–")),
+                     "yes" if r.audit_tasks or r.audit_rows else "no"])
+    return _table(["run", "path", "steps", "final loss", "eval loss", "training tasks", "evaluated model", "base",
+                   "audit"], rows, num_cols={2, 3, 4, 5})
+
+
+def section_audit(runs: list[Run]) -> str:
+    parts = []
+    for r in runs:
+        if not (r.audit_tasks or r.audit_rows):
+            continue
+        parts.append(f"<h3>{escape(r.name)}</h3>")
+        tasks = (r.audit_tasks or {}).get("tasks") or {}
+        if isinstance(tasks, list):  # tolerate a list of {"task": ...} objects
+            tasks = {str(t.get("task")): t for t in tasks if isinstance(t, dict)}
+        rows = []
+        items = list(tasks.items())
+        if isinstance((r.audit_tasks or {}).get("overall"), dict):
+            items.append(("overall", r.audit_tasks["overall"]))
+        for name, st in items:
+            verdict = str(st.get("verdict", "–"))
+            rows.append([escape(str(name)), _num(st.get("n")), _num(_stat(st.get("s_cond"))),
+                         _num(_stat(st.get("s_uncond"))), _num(_stat(st.get("ifd"))),
+                         _num(st.get("share_ifd_gt_1"), pct=True), _num(st.get("exact_match"), pct=True),
+                         f"<span class='verdict-{escape(verdict, quote=True)}'>{escape(verdict)}</span>",
+                         _text(st.get("reason"), 300)])
+        if rows:
+            parts.append(_table(["task", "n", "s_cond (median)", "s_uncond (median)", "ifd (median)", "ifd > 1 %",
+                                 "exact match %", "verdict", "reason"], rows, num_cols={1, 2, 3, 4, 5, 6}))
+        th = (r.audit_tasks or {}).get("thresholds")
+        if th:
+            parts.append(f"<p class='muted'>thresholds: {_text(json.dumps(th), 500)}</p>")
+        parts.append(_img(plots.audit_scatter(r.audit_rows), f"{r.name}: s_cond vs s_uncond by task"))
+    return "".join(parts) or _na("No audit found (run `sftlab audit --out RUN/audit`).")
+
+
+def section_loss(runs: list[Run]) -> str:
+    logs = {r.name: r.train_log for r in runs if r.train_log}
+    if not logs:
+        return _na("No training log (metrics.jsonl) found.")
+    return _img(plots.loss_curves(logs), "loss curves")
+
+
+TASK_METRICS = (("nll", "NLL", False, True), ("exact_match", "EM %", True, False), ("rouge_l", "ROUGE-L %", True, False),
+                ("accuracy", "accuracy %", True, False))
+
+
+def section_tasks(runs: list[Run]) -> str:
+    parts = []
+    for r in runs:
+        ev = r.eval
+        if not ev or not ev["results"]["model"].get("tasks"):
+            continue
+        model, base = ev["results"]["model"], ev["results"].get("base")
+        deltas = (ev.get("deltas") or {}).get("tasks", {})
+        parts.append(f"<h3>{escape(r.name)}</h3>")
+        for key, label, _, _ in (TASK_METRICS[0], TASK_METRICS[2]):
+            bars = {t: {"model": v[key], "base": base["tasks"][t][key] if base else None, "seen": v.get("seen")}
+                    for t, v in model["tasks"].items()}
+            parts.append(_img(plots.task_bars(bars, key, label), f"{r.name}: {label} per task"))
+        rows = []
+        macro_d = (ev.get("deltas") or {}).get("macro", {})
+        entries = [(t, v, base["tasks"][t] if base else None, deltas.get(t, {})) for t, v in model["tasks"].items()]
+        entries += [(f"macro ({k})", v, (base or {}).get("macro", {}).get(k) if base else None, macro_d.get(k) or {})
+                    for k, v in model["macro"].items() if v]
+        for name, v, b, d in entries:
+            seen = v.get("seen")
+            row = [escape(name), "" if seen is None else ("seen" if seen else "unseen"), _num(v.get("n"))]
+            for key, _, pct, lower in TASK_METRICS:
+                row += [_num(b.get(key) if b else None, pct=pct), _num(v.get(key), pct=pct),
+                        _delta(d.get(key), pct, lower)]
+            rows.append(row)
+        headers = ["task", "seen", "n"]
+        for _, label, _, _ in TASK_METRICS:
+            headers += [f"{label} base", f"{label} model", f"Δ {label} [95% CI]"]
+        parts.append(_table(headers, rows, num_cols=set(range(2, len(headers)))))
+        few = ev.get("few_shot")
+        if few:
+            rows = [[escape(label), _num(few["base_k_shot"]["macro"]["all"][key], pct=pct),
+                     _num(few["model_zero_shot"]["macro"]["all"][key], pct=pct),
+                     _delta(few["delta"]["macro"]["all"].get(key), pct, lower)] for key, label, pct, lower in TASK_METRICS]
+            parts.append(f"<p>Prompting baseline on {len(few['tasks'])} held-out tasks ({_text(', '.join(few['tasks']), 500)}), "
+                         f"n = {few['n']}:</p>")
+            parts.append(_table(["metric", f"base {few['k']}-shot", "model zero-shot", "Δ [95% CI]"], rows,
+                                num_cols={1, 2, 3}))
+    return "".join(parts) or _na("No task evaluation found (run `sftlab eval --data ... --out RUN/eval`).")
+
+
+def section_forgetting(runs: list[Run]) -> str:
+    rows = []
+    for r in runs:
+        ev = r.eval
+        if not ev:
+            continue
+        gen = ev["results"]["model"].get("general", {})
+        base = (ev["results"].get("base") or {}).get("general", {})
+        dg = (ev.get("deltas") or {}).get("general", {})
+        for kind, metrics in (("qa", (("gold_nll", False, True), ("exact_match", True, False), ("contains", True, False))),
+                              ("text", (("nll", False, True), ("perplexity", False, True)))):
+            for path, v in gen.get(kind, {}).items():
+                for key, pct, lower in metrics:
+                    d = (dg.get(kind, {}).get(path) or {}).get(key)
+                    b = base.get(kind, {}).get(path, {}).get(key) if base else None
+                    rows.append([escape(r.name), escape(Path(path).name), escape(key), _num(b, pct=pct),
+                                 _num(v.get(key), pct=pct), _delta(d, pct, lower), _num(v.get("n", v.get("windows")))])
+    if not rows:
+        return _na("No general-knowledge probe or perplexity found (sftlab eval --general / --text).")
+    note = ("<p class='muted'>Δ = model − base with paired-bootstrap 95 % CI; green: significantly better, "
+            "red: significantly worse (forgetting). EM/contains in %.</p>")
+    return note + _table(["run", "probe", "metric", "base", "model", "Δ [95% CI]", "n"], rows, num_cols={3, 4, 5, 6})
+
+
+def tradeoff_point(run: Run) -> dict | None:
+    """Task gain (−Δ macro NLL on seen tasks, else all) and forgetting (Δ gold NLL of the first QA probe,
+    else Δ NLL/token of the first text file)."""
+    d = (run.eval or {}).get("deltas") or {}
+    macro = d.get("macro") or {}
+    task = (macro.get("seen") or macro.get("all") or {}).get("nll")
+    general = d.get("general") or {}
+    forget = next((v["gold_nll"] for v in general.get("qa", {}).values()), None) or \
+        next((v["nll"] for v in general.get("text", {}).values()), None)
+    if not task or not forget:
+        return None
+    return {"name": run.name, "gain": -task["delta"], "gain_ci": [-task["ci95"][1], -task["ci95"][0]],
+            "forgetting": forget["delta"], "forgetting_ci": forget["ci95"]}
+
+
+def section_tradeoff(runs: list[Run]) -> str:
+    points = [p for p in (tradeoff_point(r) for r in runs) if p]
+    if len(points) < 2:
+        return _na("The trade-off plot needs at least two runs evaluated against their base with task data and a "
+                   "general probe (found %d)." % len(points))
+    rows = [[escape(p["name"]), _num(p["gain"]), f"[{p['gain_ci'][0]:+.3f}, {p['gain_ci'][1]:+.3f}]",
+             _num(p["forgetting"]), f"[{p['forgetting_ci'][0]:+.3f}, {p['forgetting_ci'][1]:+.3f}]"] for p in points]
+    return (_img(plots.tradeoff(points), "task gain vs forgetting")
+            + _table(["run", "task gain (nats)", "95% CI", "forgetting (nats)", "95% CI"], rows, num_cols={1, 2, 3, 4}))
+
+
+def section_generations(runs: list[Run], n: int) -> str:
+    parts = []
+    for r in runs:
+        gens = ((r.eval or {}).get("generations") or [])[:n]
+        if not gens:
+            continue
+        has_base = any(g.get("base") is not None for g in gens)
+        has_shot = any(g.get("base_k_shot") is not None for g in gens)
+        headers = ["task", "prompt", "reference"] + (["base"] if has_base else []) + \
+            (["base k-shot"] if has_shot else []) + ["model"]
+        rows = []
+        for g in gens:
+            row = [escape(str(g.get("task"))), _text(g.get("prompt")), _text(g.get("reference"))]
+            row += [_text(g.get("base"))] if has_base else []
+            row += [_text(g.get("base_k_shot"))] if has_shot else []
+            rows.append(row + [_text(g.get("model"))])
+        parts.append(f"<h3>{escape(r.name)}</h3>" + _table(headers, rows, text_cols=set(range(1, len(headers)))))
+    return "".join(parts) or _na("No generations found (sftlab eval writes them to metrics.json).")
+
+
+TITLES = {"overview": "Runs", "audit": "Knowledge audit", "loss": "Loss curves", "tasks": "Per-task results",
+          "forgetting": "Forgetting", "tradeoff": "Mitigation trade-off", "generations": "Generations side by side"}
+
+
+def render_report(runs: list[Run], generations: int = 5, on_section=None) -> str:
+    builders = {"overview": lambda: section_overview(runs), "audit": lambda: section_audit(runs),
+                "loss": lambda: section_loss(runs), "tasks": lambda: section_tasks(runs),
+                "forgetting": lambda: section_forgetting(runs), "tradeoff": lambda: section_tradeoff(runs),
+                "generations": lambda: section_generations(runs, generations)}
+    body = []
+    for sid in SECTIONS:
+        body.append(f"<section id='{sid}'><h2>{escape(TITLES[sid])}</h2>{builders[sid]()}</section>")
+        if on_section:
+            on_section(sid)
+    nav = "".join(f"<a href='#{sid}'>{escape(TITLES[sid])}</a>" for sid in SECTIONS)
+    title = "sftlab report: " + ", ".join(r.name for r in runs)
+    created = time.strftime("%Y-%m-%d %H:%M:%S")
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>"
+            f"<p class='muted'>generated {created} by sftlab</p><nav>{nav}</nav>{''.join(body)}</body></html>\n")
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path, console=None, generations: int = 5) -> Path:
+    """Read the runs, render the report and write it atomically to `out`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..data.stats import atomic_write
+
+    console = console or Console(stderr=True)
+    if not run_dirs:
+        raise ValueError("pass at least one run directory")
+    runs = [load_run(p) for p in run_dirs]
+    names = [r.name for r in runs]
+    for r in runs:  # two runs with the same directory name: tell them apart by their parent
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+    with Progress(TextColumn("[bold]report {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("", total=len(SECTIONS))
+        page = render_report(runs, generations, on_section=lambda sid: progress.update(bar, advance=1, description=sid))
+    out = Path(out)
+    with atomic_write(out) as f:
+        f.write(page)
+    console.print(f"[green]done[/] report of {len(runs)} run(s), {len(SECTIONS)} sections, "
+                  f"{len(page.encode()) / 1024:,.0f} KiB -> {out}", highlight=False)
+    return out

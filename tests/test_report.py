@@ -1,0 +1,153 @@
+"""`sftlab report`: a self-contained HTML file with every section, data text escaped, rendered by Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from rich.console import Console
+
+from sftlab.report.html import SECTIONS, load_run, write_report
+
+EVIL = "<script>alert('x')</script>"
+
+
+def _delta(d, w=0.02):
+    return {"delta": d, "ci95": [d - w, d + w], "n": 4}
+
+
+def fake_eval(gain: float, forgetting: float) -> dict:
+    """A metrics.json as `sftlab eval` writes it (schema_version 1), with markup in data text."""
+    def task(nll, seen):
+        return {"n": 4, "seen": seen, "nll": nll, "exact_match": 0.25, "rouge_l": 0.5, "accuracy": None}
+
+    def res(shift):
+        return {"tasks": {"ag_news": task(1.0 - shift, True), EVIL: task(2.0 - shift / 2, False)},
+                "macro": {"all": {"tasks": 2, "n": 8, "nll": 1.5, "exact_match": 0.25, "rouge_l": 0.5, "accuracy": None},
+                          "seen": None, "unseen": None},
+                "general": {"qa": {"nq/dev.jsonl": {"n": 4, "gold_nll": 3.0 + shift, "exact_match": 0.1, "contains": 0.2}},
+                            "text": {"wiki.txt": {"windows": 2, "tokens": 60, "nll": 2.0, "perplexity": 7.39}}}}
+
+    metric_deltas = {m: _delta(-gain if m == "nll" else 0.1) for m in ("nll", "exact_match", "rouge_l")}
+    return {
+        "schema_version": 1, "created": "2025-01-01T00:00:00+00:00", "wall_s": 1.0, "model": "RUN/model",
+        "base": "default", "template": "default", "options": {}, "training_tasks": ["ag_news"], "data": {},
+        "results": {"model": res(gain), "base": res(0.0)},
+        "deltas": {"tasks": {"ag_news": metric_deltas, EVIL: metric_deltas},
+                   "macro": {"all": metric_deltas, "seen": metric_deltas, "unseen": metric_deltas},
+                   "general": {"qa": {"nq/dev.jsonl": {"gold_nll": _delta(forgetting), "exact_match": _delta(-0.05),
+                                                       "contains": _delta(0.0)}},
+                               "text": {"wiki.txt": {"nll": _delta(0.01), "perplexity_ratio": 1.01}}}},
+        "few_shot": None,
+        "generations": [{"kind": "task", "task": "ag_news", "where": "f.jsonl:1", "prompt": f"Classify {EVIL} & co",
+                         "reference": "Business", "model": f"Business {EVIL}", "base": "World", "base_k_shot": None}],
+    }
+
+
+def make_run(root, name: str, gain: float, forgetting: float):
+    run = root / name
+    (run / "audit").mkdir(parents=True)
+    (run / "eval").mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "final_loss": 1.2, "eval_loss": 1.4, "tasks": ["ag_news"]}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.6}, {"step": 2, "eval_loss": 1.7}, {"step": 3, "loss": 1.2}]))
+    rows = [{"index": i, "task": ["ag_news", EVIL][i % 2], "s_cond": 1.0 + i / 10, "s_uncond": 2.0 + i / 7,
+             "ifd": (1.0 + i / 10) / (2.0 + i / 7), "n_response_tokens": 3} for i in range(12)]
+    (run / "audit" / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = {"n": 6, "s_cond": {"mean": 1.2, "p50": 1.2}, "s_uncond": {"p50": 2.5}, "ifd": {"p50": 0.48},
+             "share_ifd_gt_1": 0.0, "exact_match": 0.5, "verdict": "known", "reason": f"matched {EVIL}"}
+    (run / "audit" / "tasks.json").write_text(json.dumps({"thresholds": {"known_match": 0.5},
+                                                          "tasks": {"ag_news": stats, EVIL: stats}, "overall": stats}))
+    (run / "eval" / "metrics.json").write_text(json.dumps(fake_eval(gain, forgetting)))
+    return run
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = [make_run(root, "full-ft", 0.5, 0.3), make_run(root, "lora", 0.3, 0.05)]
+    return write_report(runs, root / "report.html", quiet())
+
+
+def test_report_sections_escaped_self_contained(report):
+    page = report.read_text(encoding="utf-8")
+    for sid in SECTIONS:
+        assert f"<section id='{sid}'>" in page
+    # data text never becomes markup: the only <script> anywhere is the escaped one
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "Classify &lt;script&gt;" in page and "&amp; co" in page
+    # self-contained: no external resources, figures inline
+    assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page)
+    imgs = re.findall(r"<img [^>]*src='([^']+)'", page)
+    assert imgs and all(src.startswith("data:image/png;base64,") for src in imgs)
+    # audit scatter x2, loss, per-task bars (NLL, ROUGE-L) x2, trade-off
+    assert len(imgs) == 2 + 1 + 4 + 1
+    # forgetting with CIs: full-ft's gold NLL rose significantly (red), lora's CI [0.03, 0.07] too
+    assert "+0.300 [+0.280, +0.320]" in page and "class='bad'>+0.300" in page
+    assert "verdict-known" in page and "full-ft" in page and "lora" in page
+
+
+def test_report_single_run_and_errors(tmp_path):
+    run = make_run(tmp_path, "only", 0.2, 0.1)
+    page = write_report([run], tmp_path / "one.html", quiet()).read_text()
+    assert "needs at least two runs" in page  # trade-off needs two runs
+    assert load_run(run).eval["schema_version"] == 1
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to report"):
+        load_run(tmp_path / "empty")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{oops\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: invalid JSON"):
+        load_run(run)
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_chromium(tmp_path, *args) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
+    return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def console_messages(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+@pytest.mark.skipif(chromium() is None and os.environ.get("CI") != "true",
+                    reason="chromium not installed (apt-get install chromium); required in CI")
+def test_report_renders_in_chromium(report, tmp_path):
+    assert chromium(), "CI=true but chromium is missing: .ci/run installs it"
+    url = report.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    r = run_chromium(tmp_path, "--window-size=1280,2400", f"--screenshot={shot}", url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert console_messages(r.stderr) == []
+    dom = run_chromium(tmp_path, "--dump-dom", url)
+    assert dom.returncode == 0 and console_messages(dom.stderr) == []
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in dom.stdout
+    assert "<script" not in dom.stdout and "&lt;script&gt;" in dom.stdout
+    # the console check has teeth: a page that throws is caught by it
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
+    assert any("Uncaught Error: boom" in line for line in console_messages(run_chromium(tmp_path, "--dump-dom",
+                                                                                         bad.resolve().as_uri()).stderr))
