@@ -374,13 +374,50 @@ def select_cmd(
     run_guarded(lambda: run_select(audit_dir, out, strategy, budget, console, seed=seed, dup_threshold=dup_threshold))
 
 
+# ---- run: the whole pipeline (issue 5) --------------------------------------------------------------------------
+@app.command("run")
+def run_cmd(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (see configs/run-t0.yaml)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted key=value overrides, e.g. eval.limit=20")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Redo this stage and every later one: audit | select | train | eval | report")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Redo only this stage (its input stages must be complete)")] = None,
+    redo_changed: Annotated[bool, typer.Option("--redo-changed", help="Redo the audit or training when their settings changed, instead of stopping")] = False,
+    help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")] = False,
+):
+    """audit -> select -> train -> eval -> report in one run directory (output_dir); re-running resumes."""
+    from .config import ConfigError, config_help, load_config
+
+    if help_config:
+        for key, default, desc in config_help():
+            print(f"{key:32s} {default:24s} {desc}")
+        return
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config)] + list(overrides or []), None
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as e:
+        fail(str(e).replace("[", "\\["))
+    from .runner import run_pipeline
+    from .train.loop import TrainingDiverged
+
+    def go():
+        try:
+            return run_pipeline(cfg, console, from_stage=from_stage, only=only,
+                                on_change="redo" if redo_changed else "error")
+        except TrainingDiverged as e:
+            fail(str(e))
+
+    run_guarded(go)
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory")] = Path("runs/demo"),
     model: ModelOpt = "default",
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="training config overrides, e.g. train.epochs=1")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="config overrides, e.g. train.epochs=2 eval.max_new_tokens=8")] = None,
 ):
-    """The whole cycle on the embedded demo data: held-out accuracy before, train, held-out accuracy after."""
+    """The whole cycle on the embedded demo data (`sftlab run` with a built-in config): audit, train, held-out
+    accuracy before and after, report."""
     from .demo import run_demo
 
     run_guarded(lambda: run_demo(out, model, overrides or [], console))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -51,6 +51,24 @@ class DataConfig(Strict):
     dedup: bool = Field(False, description="Drop exact duplicate conversations")
 
 
+class ReplayConfig(Strict):
+    data: list[str] = Field(description="General data mixed into every micro-batch: files, directories, globs "
+                            "(read with the data.* template and options)")
+    ratio: float = Field(0.1, ge=0, lt=1, description="Share of each micro-batch's examples drawn from the replay "
+                         "pool (packed: share of each epoch's examples)")
+    format: str | None = Field(None, description="Format of the replay files (None: detect per file)")
+    task: str = Field("replay", description="Task label of replay examples (kept out of summary.json tasks)")
+    limit: int | None = Field(None, ge=1, description="Keep a seeded uniform sample of N replay examples")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v):
+        if not v:
+            raise ValueError("no replay data: give general-data files (train.replay.data=[path, ...]) "
+                             "or turn replay off (train.replay=null)")
+        return v
+
+
 class TrainConfig(Strict):
     epochs: float = Field(1, gt=0, description="Passes over the training data (fractions allowed)")
     max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
@@ -77,14 +95,86 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package)")
     fused_adamw: bool | None = Field(None, description="Fused AdamW (None: where available)")
     compile: bool = Field(False, description="torch.compile the model")
+    # forgetting mitigations (docs/training.md, "Mitigations")
+    replay: ReplayConfig | None = Field(None, description="Mix general data into training: {data: [paths], ratio: "
+                                        "0.1, format, task, limit} (None: off)")
+    kl_to_base: float = Field(0.0, ge=0, description="λ of λ·KL(p_tuned || p_base) per trained token (0: off)")
+    l2_to_base: float = Field(0.0, ge=0, description="λ of the L2-SP penalty λ·||θ-θ0||² on trainable params (0: off)")
+
+
+# ---- sftlab run: the stages around training (`sftlab train` ignores these sections) ----------------------------
+class AuditConfig(Strict):
+    enabled: bool = Field(True, description="sftlab run: audit data.train with the base model first (RUN/audit)")
+    few_shot: int = Field(0, ge=0, description="K solved examples of the same task before the prompt (0: off)")
+    few_shot_per_task: int = Field(50, ge=0, description="Examples per task that get the few-shot baseline")
+    generate: bool = Field(False, description="Greedy answers with normalised exact match and ROUGE-L")
+    max_new_tokens: int = Field(64, ge=1, description="Cap on generated tokens (also n_response_tokens + 16)")
+    limit_per_task: int | None = Field(None, ge=1, description="Audit a seeded uniform sample of N examples per task")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (exact) | bf16 (autocast; NLLs from fp32 logits)")
+    batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward batch")
+    seed: int = Field(0, description="Seed of the per-task sample and the choice of shots")
+    known_match: float = Field(0.5, ge=0, le=1, description="Verdict 'known' at greedy exact match >= this")
+    known_nll: float = Field(0.5, ge=0, description="Verdict 'known' at median s_cond <= this (nats/token)")
+    latent_ratio: float = Field(0.6, gt=0, description="Verdict 'latent' at median IFD or few-shot ratio <= this")
+
+
+class SelectConfig(Strict):
+    strategy: Literal["ifd-top", "drop-known", "task-balanced", "diverse"] | None = Field(
+        None, description="sftlab run: choose the training set from the audit (None: train on all of data.train)")
+    budget: int | str | None = Field(None, description="Examples to keep: N or P% of the audited examples")
+    seed: int = Field(0, description="Seed for the random order within strategies")
+    dup_threshold: float = Field(0.8, gt=0, le=1, description="diverse: MinHash Jaccard of near-duplicates")
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v):
+        s = str(v).strip() if v is not None else None
+        if s is not None and not (s.isdigit() and int(s) > 0
+                                  or s.endswith("%") and s[:-1].replace(".", "", 1).isdigit()
+                                  and 0 < float(s[:-1]) <= 100):
+            raise ValueError(f"expected a number of examples (e.g. 500) or a percentage in (0, 100] (e.g. 10%), "
+                             f"got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget_needed(self):
+        if self.strategy is not None and self.budget is None:
+            raise ValueError("select.budget is required when select.strategy is set (e.g. select.budget=50%)")
+        return self
+
+
+class EvalConfig(Strict):
+    data: list[str] = Field(default_factory=list, description="sftlab run: task data to evaluate, tuned vs base "
+                            "(read with the data.* options); with general and text empty the eval stage is skipped")
+    general: list[str] = Field(default_factory=list, description="General-knowledge QA file(s) (forgetting probe)")
+    text: list[str] = Field(default_factory=list, description="Plain-text file(s) for perplexity")
+    base: str | None = Field(None, description="Model compared with (None: model.path, the model before training)")
+    limit: int | None = Field(None, ge=1, description="Seeded random sample of N valid examples per file")
+    general_limit: int | None = Field(None, ge=1, description="N questions per general file (None: limit)")
+    question_field: str = Field("question", description="QA question field")
+    answer_field: str = Field("answer", description="QA gold answer field (string or list)")
+    qa_prompt: str = Field("{question}", description="User message for a QA probe, with {question}")
+    few_shot: int = Field(0, ge=0, description="K: base with K shots vs tuned zero-shot on held-out tasks")
+    generations: int = Field(5, ge=0, description="Side-by-side generations kept in metrics.json and the report")
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget for task data")
+    qa_max_new_tokens: int = Field(32, ge=1, description="Generation budget for QA probes")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch")
+    batch_tokens: int = Field(4096, ge=1, description="Padded tokens per NLL forward pass")
+    bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the CIs")
+    seed: int = Field(0, description="Seed for the samples, bootstrap and few-shot demonstrations")
 
 
 class RunConfig(Strict):
-    output_dir: str = Field("runs/sft", description="Where checkpoints, metrics and the final model go")
+    output_dir: str = Field("runs/sft", description="sftlab train: where checkpoints, metrics and the final model go; "
+                            "sftlab run: the run directory (RUN/audit, RUN/train, RUN/eval, RUN/report.html)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    report: bool = Field(True, description="sftlab run: write RUN/report.html at the end")
 
 
 class ConfigError(ValueError):

@@ -1,103 +1,93 @@
-"""`sftlab demo`: the whole cycle on the embedded data — held-out accuracy before, train, held-out accuracy after.
+"""`sftlab demo`: the whole cycle on the embedded data, as one `sftlab run` with a built-in config.
 
-Everything goes under `runs/demo/`: `data/` (the generated splits), `train/` (checkpoints, metrics, the
-tuned model), `before.jsonl` / `after.jsonl` (generations), `summary.json` (per-family exact match).
+Everything goes under the run directory (default `runs/demo/`): `data/` (the generated splits), then the
+runner's layout (`sftlab.runner`): `audit/` (what the base model already knows about the training
+families, a small sample per family), `train/` (checkpoints, metrics, the tuned model), `eval/metrics.json`
+(tuned vs base on held-out instances and held-out families, exact match per family), `report.html`,
+`run.json`. The terminal shows the before/after exact match per family and generations side by side.
+Re-running resumes; `overrides` are config keys (`train.epochs=2`); a changed setting redoes the stages it
+affects (the demo is disposable).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .config import load_config
-from .demo_data import check, write_demo_data
-from .generate import generate
-from .models import load_model, load_tokenizer
+from .config import RunConfig, load_config
+from .demo_data import FAMILIES, HELDOUT_TASKS, write_demo_data
 
 EVAL_SPLITS = ("heldout_instances", "heldout_tasks")
 
 
-def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[str]):
+def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[str]) -> RunConfig:
+    j = json.dumps  # JSON is YAML: paths with spaces or colons stay one string
     return load_config(None, [
-        f"output_dir={out / 'train'}", f"model.path={model}", f"data.train=[{data['train']}]",
-        f"data.eval=[{data['heldout_instances']}]", "data.task_field=task", "data.max_length=256",
+        f"output_dir={j(str(out))}", f"model.path={j(model)}", f"data.train={j([str(data['train'])])}",
+        f"data.eval={j([str(data['heldout_instances'])])}", "data.task_field=task", "data.max_length=256",
         "train.epochs=1", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
-        "train.precision=bf16", "train.save_every=8", "train.eval_every=8", *overrides])
+        "train.precision=bf16", "train.save_every=8", "train.eval_every=8",
+        "audit.limit_per_task=8", "audit.dtype=bf16",  # cheap: NLLs of 8 examples per family, no generation
+        f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=16",
+        f"eval.generations={len(FAMILIES)}",  # one per family (eval takes them task by task)
+        *overrides])
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8")]
+def split_of(task: str) -> str:
+    return "heldout_tasks" if task in HELDOUT_TASKS else "heldout_instances"
 
 
-def answer_all(model_spec, records: dict[str, list[dict]], console: Console, label: str,
-               max_new_tokens: int = 16) -> dict[str, list[str]]:
-    model = load_model(model_spec).eval()
-    tokenizer = load_tokenizer(model_spec)
-    total = sum(len(v) for v in records.values())
+def demo_scores(metrics: dict) -> dict[str, dict]:
+    """{"before" | "after": {split: {"families": {family: exact match}, "mean": mean over families}}} from
+    an eval metrics.json (base = before, model = after)."""
     out = {}
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        bar = progress.add_task(label, total=total)
-        for split, rows in records.items():
-            prompts = [r["messages"][:-1] for r in rows]
-            out[split] = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16,
-                                  on_batch=lambda n: progress.advance(bar, n))
+    for label, role in (("before", "base"), ("after", "model")):
+        tasks = metrics["results"][role]["tasks"]
+        per = {}
+        for split in EVAL_SPLITS:
+            fam = {t: v["exact_match"] for t, v in sorted(tasks.items()) if split_of(t) == split}
+            per[split] = {"families": fam, "mean": sum(fam.values()) / len(fam) if fam else None}
+        out[label] = per
     return out
 
 
-def score(records: dict[str, list[dict]], answers: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """Exact match per split and family, plus each split's mean over families."""
-    result = {}
-    for split, rows in records.items():
-        hits = defaultdict(list)
-        for rec, ans in zip(rows, answers[split]):
-            hits[rec["task"]].append(check(ans, rec))
-        fam = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
-        result[split] = {"families": fam, "mean": sum(fam.values()) / len(fam)}
-    return result
+def demo_generations(metrics: dict, n_show: int) -> list[dict]:
+    """Up to n_show // 2 side-by-side generations from each split, in the order eval kept them."""
+    gens = [g for g in metrics.get("generations") or [] if g.get("kind") == "task"]
+    return [g for split in EVAL_SPLITS for g in [g for g in gens if split_of(g["task"]) == split][: n_show // 2]]
 
 
 def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", overrides: list[str] | None = None,
              console: Console | None = None, n_show: int = 6) -> dict:
-    from .train.loop import train
+    from .runner import run_pipeline, summary_line
 
     console = console or Console(stderr=True)
     out = Path(out_dir)
     t0 = time.perf_counter()
     data = write_demo_data(out / "data")
-    records = {s: _read(data[s]) for s in EVAL_SPLITS}
-    console.print(f"demo data: {sum(1 for _ in open(data['train']))} train examples, "
-                  + ", ".join(f"{len(v)} {k}" for k, v in records.items()) + f" -> {out / 'data'}")
-    before = answer_all(model, records, console, "answer (base)")
-    result = train(demo_config(out, data, model, overrides or []), console, resume=True)
-    after = answer_all(result.model_dir, records, console, "answer (tuned)")
-    for name, answers in (("before", before), ("after", after)):
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for split, rows in records.items():
-                for rec, ans in zip(rows, answers[split]):
-                    f.write(json.dumps({"split": split, "task": rec["task"], "prompt": rec["messages"][-2]["content"],
-                                        "reference": rec["reference"], "generation": ans,
-                                        "correct": check(ans, rec)}) + "\n")
-    s_before, s_after = score(records, before), score(records, after)
-    summary = {"before": s_before, "after": s_after, "train_steps": result.steps, "final_loss": result.final_loss,
-               "eval_loss": result.eval_loss, "weight_change": result.weight_change,
-               "model_dir": str(result.model_dir), "wall_s": time.perf_counter() - t0}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _print(records, before, after, s_before, s_after, n_show)
-    console.print(f"[green]done[/] demo in {summary['wall_s'] / 60:.1f} min: held-out instances "
-                  f"{s_before['heldout_instances']['mean']:.0%} -> {s_after['heldout_instances']['mean']:.0%}, "
-                  f"held-out tasks {s_before['heldout_tasks']['mean']:.0%} -> {s_after['heldout_tasks']['mean']:.0%} "
-                  f"exact match -> {out}", highlight=False)
-    return summary
+    counts = {s: sum(1 for _ in open(p, encoding="utf-8")) for s, p in data.items()}
+    console.print("demo data: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {escape(str(out / 'data'))}",
+                  highlight=False)
+    log = run_pipeline(demo_config(out, data, model, overrides or []), console, on_change="redo", summary=False)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    scores = demo_scores(metrics)
+    _print(scores["before"], scores["after"], demo_generations(metrics, n_show))
+    wall = time.perf_counter() - t0
+    b, a = scores["before"], scores["after"]
+    console.print(f"[green]done[/] demo in {wall / 60:.1f} min: held-out instances "
+                  f"{b['heldout_instances']['mean']:.0%} -> {a['heldout_instances']['mean']:.0%}, held-out tasks "
+                  f"{b['heldout_tasks']['mean']:.0%} -> {a['heldout_tasks']['mean']:.0%} exact match; "
+                  f"{escape(summary_line(log))} -> {escape(str(out))}", highlight=False, soft_wrap=True)
+    return {**scores, "stages": log["stages"], "wall_s": wall}
 
 
-def _print(records, before, after, s_before, s_after, n_show: int) -> None:
+def _print(s_before, s_after, gens: list[dict]) -> None:
     con = Console()
     t = Table(title="exact match on held-out data (before -> after fine-tuning)")
     for col in ("split", "family", "before", "after"):
@@ -111,7 +101,6 @@ def _print(records, before, after, s_before, s_after, n_show: int) -> None:
     g = Table(title="generations side by side", show_lines=True)
     for col in ("prompt", "reference", "before", "after"):
         g.add_column(col, overflow="fold")
-    for split in EVAL_SPLITS:
-        for rec, b, a in list(zip(records[split], before[split], after[split]))[: n_show // 2]:
-            g.add_row(rec["messages"][-2]["content"], rec["reference"], b, a)
+    for row in gens:
+        g.add_row(*(Text(str(row.get(k) or "")) for k in ("prompt", "reference", "base", "model")))
     con.print(g)

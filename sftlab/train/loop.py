@@ -8,11 +8,19 @@ processes); nothing is a mean of per-micro-batch means.
 
 Exact resume: the micro-batch stream is a pure function of (seed, epoch), so the data position is just
 the step number; parameters, optimizer, scheduler and RNG states come from the checkpoint.
+
+Forgetting mitigations (docs/training.md, "Mitigations"), each off by default: `train.replay` mixes general
+examples into the micro-batches (drawn as a pure function of seed, epoch and micro-batch, so resume stays
+exact; their tokens count in the normaliser like any other), `train.kl_to_base` adds λ·KL(p_tuned || p_base)
+per trained token inside the same chunked loss, `train.l2_to_base` adds the exact gradient of λ·||θ-θ0||²
+once per optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +42,7 @@ from ..generate import end_of_turn_ids
 from ..data.tokenize import Example, TokenizeOptions
 from ..models import load_model, load_tokenizer, resolve_model
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
-from .loss import sft_loss_sum
+from .loss import sft_kl_loss_sum, sft_loss_sum
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,6 +90,26 @@ def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example
     return train, evals, report
 
 
+def prepare_replay(cfg: RunConfig, tokenizer) -> tuple[list[Example], DataReport | None]:
+    """The replay pool: train.replay.data through the same data layer and options, every example labelled
+    train.replay.task (its own format detection; no task field or map)."""
+    r = cfg.train.replay
+    if r is None:
+        return [], None
+    opts = dataclasses.replace(data_options(cfg), format=r.format, task_field=None, task_map=None)
+    report = DataReport()
+    try:
+        pool = [dataclasses.replace(ex, task=r.task) for ex in iter_examples(r.data, tokenizer, opts, report)]
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"train.replay.data: {e}") from None
+    if not pool:
+        raise ValueError(f"train.replay.data: no replay examples left after validation and truncation ({r.data})")
+    if r.limit is not None and r.limit < len(pool):
+        keep = sorted(random.Random(f"replay-limit:{cfg.train.seed}").sample(range(len(pool)), r.limit))
+        pool = [pool[i] for i in keep]
+    return pool, report
+
+
 def apply_lora(model, cfg: RunConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -104,26 +132,67 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
     return f
 
 
-def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int) -> list[list[int]]:
-    """Micro-batches (lists of example indices) of one epoch, deterministic in (seed, epoch)."""
+def replay_count(n: int, ratio: float) -> int:
+    """Replay examples to add to n task examples so that they make up `ratio` of the whole (>= 1 if ratio > 0)."""
+    return max(1, round(n * ratio / (1 - ratio))) if ratio > 0 else 0
+
+
+def replay_draw(pool: int, k: int, seed: int, epoch: int, index: int) -> list[int]:
+    """k indices into the replay pool, a pure function of (seed, epoch, micro-batch index): successive seeded
+    permutations of the pool, so nothing repeats within a draw unless k > pool."""
+    rng = random.Random(f"replay:{seed}:{epoch}:{index}")  # str seeds hash with sha512: same in every process
+    out: list[int] = []
+    while len(out) < k:
+        out += rng.sample(range(pool), min(pool, k - len(out)))
+    return out
+
+
+def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int,
+                  replay: list[Example] | None = None) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of one epoch, deterministic in (seed, epoch).
+
+    With a replay pool, index len(examples) + j is replay[j]. length_grouped: every micro-batch of n task
+    examples gets `replay_count(n, ratio)` replay examples drawn for (seed, epoch, micro-batch); packed: a
+    sample of `replay_count(len(examples), ratio)` replay examples drawn for (seed, epoch) is packed with them.
+    """
     t = cfg.train
     lengths = [len(ex.input_ids) for ex in examples]
+    n, ratio = len(examples), (t.replay.ratio if t.replay is not None and replay else 0.0)
     if t.batching == "packed":
-        rows = pack_best_fit(lengths, t.batch_tokens or cfg.data.max_length)
+        pool = list(range(n)) + [n + j for j in replay_draw(len(replay or ()), replay_count(n, ratio),
+                                                                t.seed, epoch, -1)]
+        rows = pack_best_fit([lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool],
+                             t.batch_tokens or cfg.data.max_length)
+        rows = [[pool[i] for i in row] for row in rows]
         random.Random(t.seed * 1_000_003 + epoch).shuffle(rows)
         return rows
-    return length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
-                                  batch_size=t.batch_size, shuffle=True, seed=t.seed * 1_000_003 + epoch)
+    batches = length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
+                                      batch_size=t.batch_size, shuffle=True, seed=t.seed * 1_000_003 + epoch)
+    if ratio > 0:
+        batches = [b + [n + j for j in replay_draw(len(replay), replay_count(len(b), ratio), t.seed, epoch, i)]
+                   for i, b in enumerate(batches)]
+    return batches
 
 
 class MicroBatchStream:
-    """The global stream of micro-batches, epoch after epoch; optimizer step k owns items [k*n, (k+1)*n)."""
+    """The global stream of micro-batches, epoch after epoch; optimizer step k owns items [k*n, (k+1)*n).
 
-    def __init__(self, examples, cfg: RunConfig, per_step: int, world: int = 1):
-        self.examples, self.cfg, self.per_step = examples, cfg, per_step
-        self.per_epoch = len(epoch_batches(examples, cfg, 0))
-        self.total = max(1, int(round(cfg.train.epochs * self.per_epoch)))
+    Epochs have the same number of micro-batches, except packed batching with replay, where each epoch packs
+    its own replay sample; the stream then keeps the length of every epoch it has planned.
+    """
+
+    def __init__(self, examples, cfg: RunConfig, per_step: int, world: int = 1, replay: list[Example] | None = None):
+        self.examples, self.cfg, self.per_step, self.replay = examples, cfg, per_step, replay or None
         self._cache: dict[int, list[list[int]]] = {}
+        self._lengths: list[int] = []  # micro-batches of epochs 0, 1, ...
+        self.fixed = not (self.replay and cfg.train.batching == "packed")
+        self.per_epoch = self._epoch_len(0)
+        e = int(cfg.train.epochs)
+        if self.fixed:
+            self.total = max(1, int(round(cfg.train.epochs * self.per_epoch)))
+        else:
+            self.total = max(1, sum(self._epoch_len(k) for k in range(e))
+                             + int(round((cfg.train.epochs - e) * self._epoch_len(e))))
         if cfg.train.max_steps:
             self.steps = cfg.train.max_steps
         else:
@@ -131,11 +200,25 @@ class MicroBatchStream:
             # every process needs at least one micro-batch in a step (DDP syncs once per step)
             self.steps = n - 1 if n > 1 and self.total - (n - 1) * per_step < world else n
 
-    def _batch(self, i: int) -> list[int]:
-        epoch, j = divmod(i, self.per_epoch)
+    def _epoch(self, epoch: int) -> list[list[int]]:
         if epoch not in self._cache:
-            self._cache = {epoch: epoch_batches(self.examples, self.cfg, epoch)}
-        return self._cache[epoch][j]
+            extra = (self.replay,) if self.replay else ()
+            self._cache = {epoch: epoch_batches(self.examples, self.cfg, epoch, *extra)}
+        return self._cache[epoch]
+
+    def _epoch_len(self, epoch: int) -> int:
+        if self.fixed and self._lengths:
+            return self._lengths[0]
+        while len(self._lengths) <= epoch:
+            self._lengths.append(len(self._epoch(len(self._lengths))))
+        return self._lengths[epoch]
+
+    def _batch(self, i: int) -> list[int]:
+        epoch = 0
+        while i >= self._epoch_len(epoch):
+            i -= self._epoch_len(epoch)
+            epoch += 1
+        return self._epoch(epoch)[i]
 
     def step(self, k: int) -> list[list[int]]:
         lo, hi = k * self.per_step, (k + 1) * self.per_step
@@ -161,14 +244,53 @@ def trained_weight(examples: list[Example]) -> float:
 
 
 class SFTLossModule(torch.nn.Module):
-    """Model + chunked trained-token loss in one forward, so DDP/FSDP wrap a single module."""
+    """Model + chunked trained-token loss in one forward, so DDP/FSDP wrap a single module.
 
-    def __init__(self, model, chunk_size: int):
+    Returns `(NLL sum, weight sum, KL sum or None)`. With `kl`, the base model's forward runs in here too
+    (no gradient): `base_model` is a frozen copy (full fine-tuning), or None for a peft model whose adapter is
+    disabled for that forward.
+    """
+
+    def __init__(self, model, chunk_size: int, kl: bool = False, base_model=None):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.kl, self.base_model = model, chunk_size, kl, base_model
 
-    def forward(self, batch: dict):
-        return sft_loss_sum(self.model, batch, chunk_size=self.chunk_size)
+    def forward(self, batch: dict, kl: bool = True):
+        if self.kl and kl:
+            return sft_kl_loss_sum(self.model, batch, self.base_model, chunk_size=self.chunk_size)
+        return (*sft_loss_sum(self.model, batch, chunk_size=self.chunk_size), None)
+
+
+def frozen_copy(model):
+    """The model before training, as the KL reference for full fine-tuning: same dtype, eval mode, no grad."""
+    base = copy.deepcopy(model).eval()
+    base.requires_grad_(False)
+    return base
+
+
+def l2_anchor(module: SFTLossModule) -> dict[str, torch.Tensor]:
+    """θ0 of L2-SP on the parameters' own device and dtype: the trainable weights before training (the frozen
+    base copy's tensors when there is one; for LoRA the adapter's initialisation)."""
+    base = dict(module.base_model.named_parameters()) if module.base_model is not None else {}
+    return {n: base[n].detach() if n in base and base[n].shape == p.shape else p.detach().clone()
+            for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def add_l2_grad(model, anchor: dict[str, torch.Tensor], lam: float) -> float:
+    """Add the exact gradient 2λ(θ-θ0) of λ·||θ-θ0||² to every trainable parameter's .grad; return the penalty."""
+    sq = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n not in anchor:
+                continue
+            d = p - anchor[n]
+            sq += d.double().pow(2).sum().cpu()
+            g = d.mul(2 * lam)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+    return lam * float(sq)
 
 
 def module_group(name: str) -> str:
@@ -216,6 +338,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     t = cfg.train
     # several processes on a machine without GPUs (torchrun / accelerate launch): gloo on CPU
     cpu_procs = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one process: a second train() call may use another precision (accelerate keeps the first otherwise)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=cpu_procs)
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out = Path(cfg.output_dir)
@@ -225,13 +352,17 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     tokenizer = load_tokenizer(cfg.model.path)
     tmpl = resolve_template(cfg.data.template, tokenizer)
     train_ex, eval_ex, report = prepare_data(cfg, tokenizer)
+    replay_ex, replay_report = prepare_replay(cfg, tokenizer)
+    pool = train_ex + replay_ex  # micro-batch index len(train_ex) + j is replay example j
     per_step = t.grad_accum * world
-    stream = MicroBatchStream(train_ex, cfg, per_step, world)
+    stream = MicroBatchStream(train_ex, cfg, per_step, world, replay_ex)
     total_steps = stream.steps
 
     # model + optimizer
     model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
     model.config.use_cache = False
+    # KL reference: LoRA switches its adapter off (no copy); full fine-tuning keeps the weights before training
+    base_copy = frozen_copy(model) if t.kl_to_base and not cfg.lora.enabled else None
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     if t.gradient_checkpointing:
@@ -245,10 +376,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
                                   **({"fused": fused} if fused is not None else {}))
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
-    module = SFTLossModule(model, t.loss_chunk_size)
+    module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy)
     if t.compile:
         module = torch.compile(module)
     module, optimizer = accelerator.prepare(module, optimizer)
+    anchor = l2_anchor(accelerator.unwrap_model(module)) if t.l2_to_base else None  # θ0, before any resume
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # resume
@@ -298,7 +430,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
                 if i % world != rank:
                     continue
                 with accelerator.autocast():
-                    ls, ws = module(collate([eval_ex[j] for j in b], cfg, pad_id))
+                    ls, ws, _ = module(collate([eval_ex[j] for j in b], cfg, pad_id), kl=False)
                 s += torch.tensor([float(ls), float(ws)], dtype=torch.float64)
         s = accelerator.reduce(s.to(accelerator.device), reduction="sum").cpu()
         module.train()
@@ -319,21 +451,27 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         while step < total_steps:
             t0 = time.perf_counter()
             group = stream.step(step)  # this step's micro-batches, all processes
-            global_weight = sum(trained_weight([train_ex[j] for j in b]) for b in group)
+            global_weight = sum(trained_weight([pool[j] for j in b]) for b in group)
             mine = group[rank::world]
-            loss_sum = torch.zeros((), dtype=torch.float64)
+            sums = torch.zeros(2, dtype=torch.float64)  # NLL sum, KL sum
             tokens = 0
             for i, b in enumerate(mine):
-                batch = collate([train_ex[j] for j in b], cfg, pad_id)
+                batch = collate([pool[j] for j in b], cfg, pad_id)
                 tokens += int(batch["input_ids"].numel())
                 sync = contextlib.nullcontext() if i == len(mine) - 1 else accelerator.no_sync(module)
                 with sync:
                     with accelerator.autocast():
-                        ls, _ = module(batch)
-                    accelerator.backward(ls * (world / global_weight))
-                loss_sum += float(ls.detach())
-            total = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum").item()
-            loss = total / global_weight
+                        ls, _, kl = module(batch)
+                    objective = ls if kl is None else ls + t.kl_to_base * kl
+                    accelerator.backward(objective * (world / global_weight))
+                sums[0] += float(ls.detach())
+                if kl is not None:
+                    sums[1] += float(kl.detach())
+            sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+            sft_loss, kl_mean = float(sums[0]) / global_weight, float(sums[1]) / global_weight
+            # L2-SP: its exact gradient, once per optimizer step, after the micro-batches (and DDP's all-reduce)
+            l2 = add_l2_grad(accelerator.unwrap_model(module).model, anchor, t.l2_to_base) if anchor else 0.0
+            loss = sft_loss + t.kl_to_base * kl_mean + l2
             if not math.isfinite(loss):
                 kept = list_checkpoints(out)
                 raise TrainingDiverged(f"step {step + 1}: loss is {loss}; stopped. Last good checkpoint: "
@@ -351,6 +489,15 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
             row = {"step": step, "epoch": step * per_step / stream.per_epoch, "loss": loss,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "trained_tokens": global_weight,
                    "tokens_per_s": tokens * world / dt, "trained_tokens_per_s": global_weight / dt}
+            if t.kl_to_base or t.l2_to_base:
+                row["sft_loss"] = sft_loss
+            if t.kl_to_base:
+                row["kl"] = kl_mean  # nats per trained token; `loss` adds kl_to_base times this
+            if t.l2_to_base:
+                row["l2"] = l2  # the penalty l2_to_base·||θ-θ0||² at this step's weights
+            if replay_ex:
+                replayed = [pool[j] for b in group for j in b if j >= len(train_ex)]
+                row["replay_examples"], row["replay_tokens"] = len(replayed), trained_weight(replayed)
             if step % t.log_every == 0 or step == total_steps:
                 log(row)
             progress.update(bar, advance=1, info=f"loss {loss:.4f}  {global_weight / dt:,.0f} trained tok/s")
@@ -382,15 +529,52 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
                    "train_examples": len(train_ex), "eval_examples": len(eval_ex), "data": report.as_dict(),
                    "tasks": sorted({str(ex.task) for ex in train_ex if ex.task is not None}),
                    "data_fingerprint": fingerprint(train_ex), "wall_s": time.perf_counter() - t_start,
-                   "model_dir": str(model_dir)}
+                   "model_dir": str(model_dir),
+                   "mitigations": {"replay_ratio": t.replay.ratio if t.replay else 0.0, "kl_to_base": t.kl_to_base,
+                                   "l2_to_base": t.l2_to_base}}
+        if replay_ex:
+            summary["replay"] = replay_counts(stream, step, pool, len(train_ex), replay_report)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics_file.close()
         console.print(f"[green]done[/] {step} steps, final loss {last_loss:.4f}"
                       + (f", eval loss {initial_eval:.4f} -> {eval_loss:.4f}" if initial_eval is not None
                          and eval_loss is not None else f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-                      + f", weights moved {change['overall']:.2e} (relative) -> {model_dir}", highlight=False)
+                      + f", weights moved {change['overall']:.2e} (relative) -> {model_dir}"
+                      + mitigations_note(cfg, len(replay_ex)), highlight=False)
     accelerator.wait_for_everyone()
     return TrainResult(out, step, last_loss, eval_loss, change, model_dir)
+
+
+def replay_counts(stream: MicroBatchStream, steps: int, pool: list[Example], n_train: int, report: DataReport) -> dict:
+    """Replay examples and trained tokens in the steps run (resumed runs included), vs the task data's."""
+    weight: dict[int, float] = {}
+
+    def w(j: int) -> float:
+        if j not in weight:
+            weight[j] = trained_weight([pool[j]])
+        return weight[j]
+
+    drawn, task_tokens = [], 0.0
+    for k in range(steps):
+        for b in stream.step(k):
+            drawn += [j for j in b if j >= n_train]
+            task_tokens += sum(w(j) for j in b if j < n_train)
+    tokens = sum(w(j) for j in drawn)
+    return {"pool_examples": len(pool) - n_train, "trained_examples": len(drawn),
+            "distinct_examples": len(set(drawn)), "trained_tokens": tokens,
+            "token_share": tokens / (tokens + task_tokens) if tokens + task_tokens else 0.0,
+            "data_fingerprint": fingerprint(pool[n_train:]), "data": report.as_dict()}
+
+
+def mitigations_note(cfg: RunConfig, n_replay: int) -> str:
+    t, parts = cfg.train, []
+    if t.replay is not None:
+        parts.append(f"replay {t.replay.ratio:.0%} of {n_replay} examples")
+    if t.kl_to_base:
+        parts.append(f"KL to base λ={t.kl_to_base:g}")
+    if t.l2_to_base:
+        parts.append(f"L2-SP λ={t.l2_to_base:g}")
+    return f"; mitigations: {', '.join(parts)}" if parts else ""
 
 
 def fingerprint(examples: list[Example]) -> str:

@@ -14,6 +14,12 @@ runs in the model's dtype (bf16 under autocast); the logits are upcast to fp32 b
 The model body is called without its head (`model_hidden_states`), which works for any HF causal LM whose
 head is a plain projection, and for a peft-wrapped one: LoRA layers live inside the body's modules, so calling
 the body of the unwrapped base model keeps them active.
+
+KL to the base model (`train.kl_to_base`): `chunked_ce_kl_sum` also returns sum_t KL(p_tuned || p_base) over the
+same trained positions and with the same weights, from the same chunks: the base model's hidden states are
+computed once without gradient (`base_hidden_states`: a frozen copy, or the peft model with its adapter disabled),
+gathered at the trained positions, and each chunk's base logits are recomputed inside the chunk's checkpoint,
+so neither model's logits ever exist for more than `chunk_size` positions.
 """
 
 from __future__ import annotations
@@ -42,23 +48,8 @@ def chunked_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tenso
     weights [B, T] (weight of the token at that position, i.e. of the target; None = 1 for every trained one).
     Never holds more than `chunk_size` positions' logits, in forward or backward.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    labels = labels.to(hidden.device)
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
-    targets = targets.reshape(-1)
-    keep = (targets != IGNORE).nonzero().squeeze(1)
+    keep, y, w = _trained_positions(hidden, labels, weights, chunk_size)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    y = targets.index_select(0, keep)
-    w = None
-    if weights is not None:
-        w = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        w[:, :-1] = weights.to(hidden.device, torch.float32)[:, 1:]
-        w = w.reshape(-1).index_select(0, keep)
-
     grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # at least one (possibly empty) chunk, so the result stays connected to hidden and the head's parameters
@@ -68,6 +59,63 @@ def chunked_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tenso
         total = total + (nll.sum() if w is None else (nll * w[s:s + chunk_size]).sum())
     weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
     return total, weight_sum
+
+
+def _trained_positions(hidden, labels, weights, chunk_size):
+    """Flat indices of positions whose next label is trained, their targets, and their weights (or None)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
+    labels = labels.to(hidden.device)
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
+    targets = targets.reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    y = targets.index_select(0, keep)
+    w = None
+    if weights is not None:
+        w = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        w[:, :-1] = weights.to(hidden.device, torch.float32)[:, 1:]
+        w = w.reshape(-1).index_select(0, keep)
+    return keep, y, w
+
+
+def _nll_kl(lm_head: nn.Module, base_head: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor,
+            targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL and KL(p_tuned || p_base) = sum_v p_t(v) (log p_t(v) - log p_b(v)), fp32."""
+    logp = F.log_softmax(lm_head(hidden).float(), dim=-1)
+    with torch.no_grad():
+        logp_base = F.log_softmax(base_head(base_hidden).float(), dim=-1)
+    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    kl = (logp.exp() * (logp - logp_base)).sum(-1)
+    return nll, kl
+
+
+def chunked_ce_kl_sum(hidden: torch.Tensor, lm_head: nn.Module, base_hidden: torch.Tensor, base_head: nn.Module,
+                      labels: torch.Tensor, weights: torch.Tensor | None = None,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunked_ce_sum` plus the (weighted) sum of KL(p_tuned || p_base) over the same trained positions.
+
+    base_hidden [B, T, H]: the base model's last hidden states for the same batch (no gradient); base_head its LM
+    head. Each chunk's base logits are computed inside the chunk (and recomputed in backward), never kept.
+    """
+    keep, y, w = _trained_positions(hidden, labels, weights, chunk_size)
+    if base_hidden.shape != hidden.shape:
+        raise ValueError(f"base hidden states {tuple(base_hidden.shape)} differ from {tuple(hidden.shape)}")
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    hb = base_hidden.detach().to(hidden.device).reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    nll_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    kl_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for s in range(0, max(len(y), 1), chunk_size):
+        args = (lm_head, base_head, h[s:s + chunk_size], hb[s:s + chunk_size], y[s:s + chunk_size])
+        nll, kl = checkpoint(_nll_kl, *args, use_reentrant=False) if grad else _nll_kl(*args)
+        if w is not None:
+            nll, kl = nll * w[s:s + chunk_size], kl * w[s:s + chunk_size]
+        nll_total, kl_total = nll_total + nll.sum(), kl_total + kl.sum()
+    weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
+    return nll_total, weight_sum, kl_total
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -108,3 +156,37 @@ def sft_loss_sum(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple
     """`(weighted NLL sum, weight sum)` of a collated batch (`collate_packed` or `collate_padded` output)."""
     hidden = model_hidden_states(model, batch)
     return chunked_ce_sum(hidden, output_head(model), batch["labels"], batch.get("weights"), chunk_size)
+
+
+def base_hidden_states(model: nn.Module, batch: dict, base_model: nn.Module | None = None,
+                       ) -> tuple[torch.Tensor, nn.Module]:
+    """The base model's last hidden states for `batch` (no gradient, eval mode) and its LM head.
+
+    base_model: a frozen copy of the model before training (full fine-tuning). None: `model` is a peft model and
+    its adapter is switched off for this forward (`disable_adapter()`), so the base weights are not copied.
+    """
+    with torch.no_grad():
+        if base_model is not None:
+            return model_hidden_states(base_model, batch), output_head(base_model)
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("KL to the base model needs a frozen base copy or a peft model (adapter disabled)")
+        modes = {m: m.training for m in model.modules()}
+        model.eval()  # no dropout in the reference distribution
+        try:
+            with model.disable_adapter():
+                hidden = model_hidden_states(model, batch)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        head = output_head(model)
+        # a head with its own adapter: its base layer alone gives the base logits (also on backward's recompute)
+        return hidden, getattr(head, "base_layer", head)
+
+
+def sft_kl_loss_sum(model: nn.Module, batch: dict, base_model: nn.Module | None = None,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(weighted NLL sum, weight sum, weighted KL(p_tuned || p_base) sum)` of a collated batch."""
+    base_hidden, base_head = base_hidden_states(model, batch, base_model)
+    hidden = model_hidden_states(model, batch)
+    return chunked_ce_kl_sum(hidden, output_head(model), base_hidden, base_head, batch["labels"],
+                             batch.get("weights"), chunk_size)

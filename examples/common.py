@@ -1,0 +1,106 @@
+"""Shared pieces of the example experiments: seeded T0 samples, and resumable train / eval steps.
+
+Every experiment writes under its --out directory; re-running skips finished steps (a step is finished when its
+summary.json / metrics.json exists — both are written last and atomically by sftlab).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+
+from sftlab.config import load_config
+from sftlab.data.pipeline import DataOptions
+from sftlab.evaluate.run import EvalOptions, evaluate
+from sftlab.train.loop import train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STRIP = "<|endoftext|>"
+
+
+def t0_tasks(shared: Path = SHARED) -> tuple[dict[str, list[Path]], dict[str, str]]:
+    """task -> its template files, and task -> cluster, from t0-tasks.json."""
+    tmap = json.loads((shared / "t0-tasks.json").read_text())
+    files, cluster = defaultdict(list), {}
+    for f in sorted((shared / "t0-mixture").glob("*.jsonl")):
+        files[tmap[f.stem]["task"]].append(f)
+        cluster[tmap[f.stem]["task"]] = tmap[f.stem]["cluster"]
+    return dict(files), cluster
+
+
+def task_rows(task: str, files: list[Path], seed: int, max_chars: int | None = None) -> list[dict]:
+    """All usable examples of a task (its templates pooled), in a seeded order; empty completions skipped."""
+    rows = []
+    for f in files:
+        for line in open(f, encoding="utf-8"):
+            r = json.loads(line)
+            if not r["completion"].replace(STRIP, "").strip():
+                continue
+            if max_chars and len(r["prompt"]) + len(r["completion"]) > max_chars:
+                continue
+            rows.append({"prompt": r["prompt"], "completion": r["completion"], "task": task})
+    random.Random(f"{seed}-{task}").shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.rename(path)
+    return path
+
+
+def train_run(run: Path, overrides: list[str], console: Console, keep_model: bool = True) -> dict:
+    """`sftlab train` with these overrides into `run` (skipped when its summary exists); returns summary.json."""
+    summary = run / "summary.json"
+    if not summary.exists():
+        train(load_config(None, [f"output_dir={run}", f"data.strip=[{STRIP}]", "data.task_field=task", *overrides]),
+              console)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # optimizer state: 1.6 GB per run, not needed here
+    if not keep_model:
+        shutil.rmtree(run / "model", ignore_errors=True)
+        shutil.rmtree(run / "adapter", ignore_errors=True)
+    return json.loads(summary.read_text())
+
+
+def eval_run(model: str | Path, out: Path, data: list[Path], console: Console, base: str | Path | None = None,
+             general: list[Path] = (), **kw) -> dict:
+    """`sftlab eval` (skipped when out/metrics.json exists); returns metrics.json."""
+    metrics = out / "metrics.json"
+    if not metrics.exists():
+        evaluate(EvalOptions(model=str(model), out=out, data=[str(p) for p in data],
+                             base=str(base) if base else None, general=[str(p) for p in general],
+                             data_opts=DataOptions(task_field="task", strip=(STRIP,)), **kw), console)
+    return json.loads(metrics.read_text())
+
+
+def model_scores(metrics_dir: Path, role: str = "model", kind: str = "task",
+                 metrics: tuple[str, ...] = ("nll", "exact_match", "rouge_l", "correct"), seed: int = 0) -> dict:
+    """Macro-over-tasks mean of each per-example metric for one scored model, with a bootstrap 95 % CI
+    (examples resampled within their task), from `sftlab eval`'s examples.jsonl."""
+    from sftlab.evaluate.metrics import paired_bootstrap_ci
+
+    rows = [json.loads(line) for line in open(metrics_dir / "examples.jsonl", encoding="utf-8")]
+    rows = [r for r in rows if r["model"] == role and r["kind"] == kind]
+    out = {}
+    for m in metrics:
+        pairs = [(r[m], r.get("task") or r.get("file")) for r in rows if r.get(m) is not None]
+        if pairs:
+            vals, groups = zip(*pairs)
+            mean, lo, hi = paired_bootstrap_ci([0.0] * len(vals), vals, groups=groups, seed=seed)
+            out["accuracy" if m == "correct" else m] = {"mean": mean, "ci95": [lo, hi], "n": len(vals)}
+    return out
+
+
+def fmt_ci(d: dict | None, pct: bool = False) -> str:
+    if not d:
+        return "-"
+    if pct:
+        return f"{d['mean']:.1%} [{d['ci95'][0]:.1%}, {d['ci95'][1]:.1%}]"
+    return f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
