@@ -151,3 +151,15 @@ def test_report_renders_in_chromium(report, tmp_path):
     bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
     assert any("Uncaught Error: boom" in line for line in console_messages(run_chromium(tmp_path, "--dump-dom",
                                                                                          bad.resolve().as_uri()).stderr))
+
+
+def test_load_run_reads_training_of_a_run_directory(tmp_path):
+    """`sftlab report RUN` on an `sftlab run` directory finds the training log in RUN/train."""
+    from sftlab.report.html import load_run
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "summary.json").write_text(json.dumps({"steps": 3, "eval_loss": 1.5}))
+    (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 2.0 - i / 10}) + "\n"
+                                                              for i in (1, 2, 3)))
+    run = load_run(tmp_path)
+    assert run.summary["steps"] == 3 and [r["loss"] for r in run.train_log] == [1.9, 1.8, 1.7]

@@ -80,8 +80,10 @@ def load_run(path: str | Path) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
     run = Run(path.name or str(path), path)
-    run.summary = _read_json(path / "summary.json")
-    run.train_log = _read_jsonl(path / "metrics.jsonl")
+    # a training output dir, or an `sftlab run` directory whose training lives in RUN/train
+    train_dir = path if (path / "summary.json").is_file() or not (path / "train").is_dir() else path / "train"
+    run.summary = _read_json(train_dir / "summary.json")
+    run.train_log = _read_jsonl(train_dir / "metrics.jsonl")
     for audit in (path / "audit", path):
         if (audit / "tasks.json").is_file() or (audit / "examples.jsonl").is_file() and audit.name == "audit":
             run.audit_tasks = _read_json(audit / "tasks.json")
