@@ -104,6 +104,22 @@ def data_inspect(
     run_guarded(go)
 
 
+def _config_or_help(config: Optional[Path], overrides: Optional[list[str]], help_config: bool):
+    """The validated RunConfig of `CONFIG [key=value ...]` (the file may be left out), or None after --help-config."""
+    from .config import ConfigError, config_help, load_config
+
+    if help_config:
+        for key, default, desc in config_help():
+            print(f"{key:32s} {default:24s} {desc}")
+        return None
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config)] + list(overrides or []), None
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        fail(str(e).replace("[", "\\["))
+
+
 # ---- train / merge -----------------------------------------------------------------------------------------
 @app.command("train")
 def train_cmd(
@@ -113,18 +129,9 @@ def train_cmd(
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")] = False,
 ):
     """Fine-tune (full or LoRA) with the one-file training loop."""
-    from .config import ConfigError, config_help, load_config
-
-    if help_config:
-        for key, default, desc in config_help():
-            print(f"{key:32s} {default:24s} {desc}")
+    cfg = _config_or_help(config, overrides, help_config)
+    if cfg is None:
         return
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides, config = [str(config)] + list(overrides or []), None
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
-        fail(str(e).replace("[", "\\["))
     from .train.loop import TrainingDiverged, train
 
     def go():
@@ -385,18 +392,9 @@ def run_cmd(
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")] = False,
 ):
     """audit -> select -> train -> eval -> report in one run directory (output_dir); re-running resumes."""
-    from .config import ConfigError, config_help, load_config
-
-    if help_config:
-        for key, default, desc in config_help():
-            print(f"{key:32s} {default:24s} {desc}")
+    cfg = _config_or_help(config, overrides, help_config)
+    if cfg is None:
         return
-    if config is not None and "=" in str(config) and not config.exists():
-        overrides, config = [str(config)] + list(overrides or []), None
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
-        fail(str(e).replace("[", "\\["))
     from .runner import run_pipeline
     from .train.loop import TrainingDiverged
 
