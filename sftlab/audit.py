@@ -68,6 +68,7 @@ from .data.stats import atomic_write, record_progress
 from .data.template import TemplateError, assistant_header, render_conversation, resolve_template
 from .data.tokenize import IGNORE, Dropped, Example, TokenizeOptions, protected_pattern, tokenize_rendered
 from .data.validate import DataError
+from .evaluate.scoring import length_batches
 
 AUDIT_VERSION = 1
 GEN_MARGIN = 16  # greedy answers may run this many tokens past the reference length
@@ -268,16 +269,9 @@ class Job:
 
 
 def make_batches(jobs: list[Job], batch_tokens: int, max_batch: int) -> list[list[Job]]:
-    """Length-sorted batches whose size x longest sequence stays within `batch_tokens`."""
-    batches, cur = [], []
-    for job in sorted(jobs, key=lambda j: (len(j.ids), j.index)):
-        if cur and ((len(cur) + 1) * len(job.ids) > batch_tokens or len(cur) >= max_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(job)
-    if cur:
-        batches.append(cur)
-    return batches
+    """Length-sorted batches whose size x longest sequence stays within `batch_tokens` (ties in index order)."""
+    jobs = sorted(jobs, key=lambda j: j.index)
+    return [[jobs[i] for i in b] for b in length_batches([len(j.ids) for j in jobs], batch_tokens, max_batch)]
 
 
 def split_model(model):
@@ -375,22 +369,10 @@ class Scorer:
             self.model(input_ids=ids, attention_mask=mask)
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
-    return ids, mask
-
-
 def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], caps: list[int],
                    batch_tokens: int, max_batch: int) -> list[str]:
     """Greedy replies to token-id prompts; reply i is cut to caps[i] new tokens and at end-of-turn."""
-    from .generate import Decoding, decode_reply, generation_config, stop_markers
+    from .generate import Decoding, left_pad, decode_reply, generation_config, stop_markers
 
     torch = scorer.torch
     stops = stop_markers(tmpl, tokenizer)
@@ -409,7 +391,7 @@ def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], ca
     for batch in batches:
         cap = max(caps[i] for i in batch)
         cfg = generation_config(Decoding(max_new_tokens=cap), tmpl, tokenizer)
-        ids, mask = _left_pad([prompts[i] for i in batch], cfg.pad_token_id)
+        ids, mask = left_pad([prompts[i] for i in batch], cfg.pad_token_id)
         with torch.inference_mode(), scorer._ctx():
             gen = scorer.model.generate(input_ids=ids.to(scorer.device), attention_mask=mask.to(scorer.device),
                                         generation_config=cfg, tokenizer=tokenizer if cfg.stop_strings else None)

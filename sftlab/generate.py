@@ -119,7 +119,7 @@ def decode_reply(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> 
     return text.strip()
 
 
-def _left_pad(batch: list[list[int]], pad_id: int):
+def left_pad(batch: list[list[int]], pad_id: int):
     import torch
 
     width = max(len(ids) for ids in batch)
@@ -157,7 +157,7 @@ def generate(model, tokenizer, prompts: Iterable[Prompt], template: str | ChatTe
     try:
         for start in range(0, len(order), max(1, batch_size)):
             idx = order[start:start + max(1, batch_size)]
-            input_ids, attention = _left_pad([encoded[i] for i in idx], gen_cfg.pad_token_id)
+            input_ids, attention = left_pad([encoded[i] for i in idx], gen_cfg.pad_token_id)
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                      generation_config=gen_cfg,

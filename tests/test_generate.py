@@ -13,7 +13,7 @@ from sftlab.cli import app
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.template import render_conversation, resolve_template
 from sftlab.data.tokenize import IGNORE, TokenizeOptions, protected_pattern, tokenize_rendered
-from sftlab.generate import (Decoding, _left_pad, decode_reply, encode_prompt, end_of_turn_ids, end_of_turn_text,
+from sftlab.generate import (Decoding, left_pad, decode_reply, encode_prompt, end_of_turn_ids, end_of_turn_text,
                              generate, generation_config, split_reference, stop_markers)
 
 from conftest import make_tiny_llama
@@ -92,7 +92,7 @@ def test_prompt_tokens_equal_the_training_prefix(tokenizer, tmpl, user):
 
 
 def test_left_pad():
-    ids, mask = _left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    ids, mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
 
