@@ -6,8 +6,10 @@ data layer, cut into sftlab's own batch plan (`epoch_batches`: length-grouped, `
 TRL gets exactly those examples in exactly that order (pre-tokenized `input_ids` + `completion_mask`,
 `completion_only_loss=True`, sequential sampler), so every optimizer step of both tools trains the same tokens
 with the same labels; both runs check this step by step (`identical_steps`). Same max length, same precision
-(bf16 autocast over fp32 weights, or `--precision fp32`), SDPA attention, gradient checkpointing off, eval off,
-no saving inside the timed steps. TRL runs in each of `--trl-modes` and the best is compared:
+(bf16 compute, fp32 master weights and AdamW state: TRL by autocast, sftlab by `train.precision=bf16-master`;
+or `--precision fp32`), exact causal attention per example (TRL: SDPA with its mask; sftlab on CPU: `segments`),
+gradient checkpointing off, eval off, no saving inside the timed steps. TRL runs in each of `--trl-modes` and the
+best is compared:
   padding       the step's examples right-padded to the longest (TRL's default collator)
   padding_free  the step's examples flattened into one row with restarting position ids (what TRL's
                 packing + padding_free produces, on the same examples as sftlab's step)
@@ -21,7 +23,8 @@ sftlab's achieved model FLOP/s counts the work the objective needs: 6·N_body·(
 targets: the LM head is only needed there) + causal attention 6·L·d_attn·Σ n_i² per example; its fraction of the
 matmul peak measured in the same run (large square matmul, `--threads` threads) is the MFU.
 
-`--ablation` instead runs sftlab variants side by side (full, -bf16, -length grouping, -chunked CE, packed rows,
+`--ablation` instead runs sftlab variants side by side (full, autocast, -malloc tuning, -fused AdamW, fp32,
+-length grouping, -chunked CE, packed rows, HF sdpa / eager attention,
 +torch.compile; see docs/benchmarks.md) and prints their own JSON line.
 
 Progress goes to stderr; stdout gets exactly one JSON line.
@@ -49,7 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
 TRL_MODES = ("padding", "padding_free", "packing")
-VARIANTS = ("full", "fp32", "random_batches", "full_logits_ce", "packed", "compile")
+VARIANTS = ("full", "autocast", "no_malloc_tuning", "unfused_adamw", "fp32", "random_batches", "full_logits_ce",
+            "packed", "compile", "sdpa_attention", "eager_attention")
 
 # Architectures built from a config with random weights (throughput does not depend on the values).
 ARCHS = {
@@ -121,13 +125,18 @@ def sftlab_config(spec: dict, variant: str = "full"):
     from sftlab.config import RunConfig
 
     packed = variant == "packed"
+    # bf16: sftlab's bf16 weights + fp32 master weights and AdamW state (`autocast`: bf16 autocast over fp32)
+    precision = {"fp32": "fp32", "autocast": "bf16"}.get(variant, "bf16-master" if spec["precision"] == "bf16"
+                                                         else spec["precision"])
     return RunConfig.model_validate({
         "output_dir": spec.get("run_dir", "runs/vs-trl"),
-        "model": {"path": spec["model_dir"], "dtype": "fp32", "attn_implementation": "sdpa"},
+        "model": {"path": spec["model_dir"], "dtype": "fp32",
+                  "attn_implementation": {"eager_attention": "eager", "sdpa_attention": "sdpa"}.get(variant, "auto")},
         "data": {"train": [spec["data_file"]], "strip": spec["strip"], "max_length": spec["max_length"],
                  "skip_invalid": True},
         "train": {"max_steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "seed": spec["seed"],
-                  "precision": "fp32" if variant == "fp32" else spec["precision"],
+                  "precision": precision, "malloc_tuning": variant != "no_malloc_tuning",
+                  "fused_adamw": False if variant == "unfused_adamw" else None,
                   "batching": "packed" if packed else "length_grouped",
                   "batch_size": None if packed else spec["batch_size"],
                   "batch_tokens": spec["batch_size"] * spec["max_length"] if packed else None,

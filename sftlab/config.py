@@ -21,7 +21,9 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     path: str = Field("default", description="HF model dir, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="Weight dtype when loading (bf16 autocast: train.precision)")
-    attn_implementation: str | None = Field("sdpa", description="eager | sdpa | flash_attention_2 | flex_attention")
+    attn_implementation: str | None = Field(
+        "auto", description="auto (training on CPU: segments, else sdpa) | segments (causal attention per example, "
+        "sftlab/attention.py) | sdpa | eager | flash_attention_2 | flex_attention")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory")
 
 
@@ -83,7 +85,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps for linear warm-up")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping (None: off)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast with fp32 master weights, or fp32")
+    precision: Literal["fp32", "bf16", "bf16-master"] = Field(
+        "fp32", description="fp32; bf16: autocast over fp32 weights; bf16-master: bf16 weights and activations, fp32 "
+        "master weights and AdamW state (fastest; docs/training.md)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward")
     loss_chunk_size: int = Field(1024, ge=1, description="Trained positions per chunk of the LM-head loss")
     seed: int = Field(0, description="Seed for data order, init and dropout")
@@ -95,6 +99,8 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package)")
     fused_adamw: bool | None = Field(None, description="Fused AdamW (None: where available)")
     compile: bool = Field(False, description="torch.compile the model")
+    malloc_tuning: bool = Field(True, description="glibc: keep freed memory for reuse instead of returning it to the "
+                                "OS after every op (faster CPU steps; sftlab/train/runtime.py)")
     # forgetting mitigations (docs/training.md, "Mitigations")
     replay: ReplayConfig | None = Field(None, description="Mix general data into training: {data: [paths], ratio: "
                                         "0.1, format, task, limit} (None: off)")

@@ -123,6 +123,12 @@ def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     path = resolve_model(spec)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation == "auto":
+        attn_implementation = "sdpa"
+    if attn_implementation == "segments":
+        from .attention import register
+
+        register()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if (path / "adapter_config.json").is_file():

@@ -174,7 +174,7 @@ def test_l2_gradient_equals_autograd_of_penalty():
     for p in model.parameters():  # some gradient already there from the data term
         p.grad = torch.full_like(p, 0.5)
     lam = 0.3
-    penalty = add_l2_grad(model, anchor, lam)
+    penalty = add_l2_grad(dict(model.named_parameters()), anchor, lam)
     ref = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
     ref_pen = lam * sum(((ref[n] - anchor[n]) ** 2).sum() for n in names)
     ref_grads = torch.autograd.grad(ref_pen, [ref[n] for n in names])

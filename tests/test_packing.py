@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from sftlab.attention import register as register_segments
 from sftlab.data.packing import collate_packed, collate_padded, length_grouped_batches, pack_best_fit
 from sftlab.data.tokenize import Example
 from sftlab.train.loss import model_hidden_states, output_head
@@ -127,10 +128,13 @@ def _random_examples(n, seed, lo=3, hi=40):
     return out
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "segments"])
 def test_packed_logits_equal_unpacked(impl):
-    """transformers (>= 4.56 pin, 5.23 here) builds a block-diagonal causal mask from restarting position_ids."""
+    """transformers (>= 4.56 pin, 5.23 here) builds a block-diagonal causal mask from restarting position_ids;
+    sftlab's `segments` attention runs causal attention per segment instead."""
     model = make_tiny_llama(vocab_size=V)
+    if impl == "segments":
+        register_segments()
     model.set_attn_implementation(impl)
     assert model.config.use_cache  # the default; model_hidden_states must turn it off for packing
     examples = _random_examples(20, seed=1)

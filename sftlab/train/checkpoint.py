@@ -39,9 +39,9 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters() lists tied weights once, which safetensors requires
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # from named_parameters(), which lists tied weights once, as safetensors requires
+    return {n: p.detach().cpu().contiguous() for n, p in params.items()}
 
 
 def rng_state() -> dict:
@@ -57,9 +57,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
-                    keep_last: int, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Path:
-    """Write checkpoint `step` atomically under `root/checkpoints` and prune to the last `keep_last`."""
+def save_checkpoint(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, scheduler,
+                    trainer_state: dict, keep_last: int, rank: int = 0, world_size: int = 1,
+                    barrier=lambda: None) -> Path:
+    """Write checkpoint `step` atomically under `root/checkpoints` and prune to the last `keep_last`.
+
+    params: the trainable parameters by name (the model's, or their fp32 master copies)."""
     ckpts = Path(root) / "checkpoints"
     tmp = ckpts / f".step-{step:08d}.tmp"
     final = ckpts / f"step-{step:08d}"
@@ -70,7 +73,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     barrier()
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     if rank == 0:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(params), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=2))
@@ -106,12 +109,11 @@ def remove_partial(root: Path) -> int:
     return n
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore parameters, optimizer, scheduler and RNG in place; return the trainer state."""
+def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore the trainable parameters (by name), optimizer, scheduler and RNG in place; return the trainer state."""
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    missing = [n for n in params if n not in tensors]
     unexpected = [n for n in tensors if n not in params]
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "

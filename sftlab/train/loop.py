@@ -43,6 +43,8 @@ from ..data.tokenize import Example, TokenizeOptions
 from ..models import load_model, load_tokenizer, resolve_model
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .loss import sft_kl_loss_sum, sft_loss_sum
+from .precision import MasterWeights, cast_model
+from .runtime import tune_malloc
 
 
 class TrainingDiverged(RuntimeError):
@@ -268,19 +270,22 @@ def frozen_copy(model):
     return base
 
 
-def l2_anchor(module: SFTLossModule) -> dict[str, torch.Tensor]:
+def l2_anchor(module: SFTLossModule, master: MasterWeights | None = None) -> dict[str, torch.Tensor]:
     """θ0 of L2-SP on the parameters' own device and dtype: the trainable weights before training (the frozen
-    base copy's tensors when there is one; for LoRA the adapter's initialisation)."""
+    base copy's tensors when there is one and they are exact; for LoRA the adapter's initialisation). With
+    fp32 master weights, θ0 is the masters' initial values."""
+    if master:
+        return {n: p.detach().clone() for n, p in master.named().items()}
     base = dict(module.base_model.named_parameters()) if module.base_model is not None else {}
     return {n: base[n].detach() if n in base and base[n].shape == p.shape else p.detach().clone()
             for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def add_l2_grad(model, anchor: dict[str, torch.Tensor], lam: float) -> float:
-    """Add the exact gradient 2λ(θ-θ0) of λ·||θ-θ0||² to every trainable parameter's .grad; return the penalty."""
+def add_l2_grad(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], lam: float) -> float:
+    """Add the exact gradient 2λ(θ-θ0) of λ·||θ-θ0||² to every anchored parameter's .grad; return the penalty."""
     sq = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in params.items():
             if n not in anchor:
                 continue
             d = p - anchor[n]
@@ -302,12 +307,18 @@ def module_group(name: str) -> str:
     return "other"
 
 
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def base_weights(model_path: str) -> dict[str, torch.Tensor]:
+    """The base model's weights as loaded for training (θ0), read again from disk after training."""
+    from ..models import load_model
+
+    return {n: p.detach() for n, p in load_model(model_path, "fp32").named_parameters()}
 
 
-def weight_change(model, theta0: dict[str, torch.Tensor] | None, lora: bool) -> dict:
-    """Relative change ||θ-θ0|| / ||θ0|| overall and per module group (LoRA: ΔW of each adapted layer)."""
+def weight_change(model, base: str | dict[str, torch.Tensor] | None, lora: bool) -> dict:
+    """Relative change ||θ-θ0|| / ||θ0|| overall and per module group (LoRA: ΔW of each adapted layer).
+
+    base: θ0 as a name -> tensor dict, or the base model's path (read after training, so θ0 costs no memory
+    while training)."""
     sq_d, sq_0 = {}, {}
     if lora:
         for name, mod in model.named_modules():
@@ -318,11 +329,13 @@ def weight_change(model, theta0: dict[str, torch.Tensor] | None, lora: bool) -> 
                 sq_d[g] = sq_d.get(g, 0.0) + float(d.pow(2).sum())
                 sq_0[g] = sq_0.get(g, 0.0) + float(w.pow(2).sum())
     else:
+        theta0 = base_weights(base) if isinstance(base, (str, os.PathLike)) else base
         for n, p in model.named_parameters():
-            if n in theta0:
+            if p.requires_grad and n in theta0 and theta0[n].shape == p.shape:
                 g = module_group(n)
-                sq_d[g] = sq_d.get(g, 0.0) + float((p.detach().float().cpu() - theta0[n]).pow(2).sum())
-                sq_0[g] = sq_0.get(g, 0.0) + float(theta0[n].pow(2).sum())
+                w0 = theta0[n].float().cpu()
+                sq_d[g] = sq_d.get(g, 0.0) + float((p.detach().float().cpu() - w0).pow(2).sum())
+                sq_0[g] = sq_0.get(g, 0.0) + float(w0.pow(2).sum())
     out = {g: math.sqrt(sq_d[g]) / math.sqrt(sq_0[g]) if sq_0[g] else 0.0 for g in sq_d}
     total0 = sum(sq_0.values())
     out["overall"] = math.sqrt(sum(sq_d.values())) / math.sqrt(total0) if total0 else 0.0
@@ -343,7 +356,12 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
+    if t.malloc_tuning:
+        tune_malloc()
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no", cpu=cpu_procs)
+    if t.precision == "bf16-master" and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"train.precision=bf16-master works in one process or under DDP; with "
+                         f"{accelerator.distributed_type.name} use precision: bf16 (its own mixed precision)")
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     out = Path(cfg.output_dir)
     set_seed(t.seed)
@@ -359,7 +377,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     total_steps = stream.steps
 
     # model + optimizer
-    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.trust_remote_code)
+    # auto: on CPU, causal attention per example (sftlab/attention.py: no padding mask, packed rows not quadratic)
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        attn = "sdpa" if accelerator.device.type == "cuda" else "segments"
+    model = load_model(cfg.model.path, cfg.model.dtype, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False
     # KL reference: LoRA switches its adapter off (no copy); full fine-tuning keeps the weights before training
     base_copy = frozen_copy(model) if t.kl_to_base and not cfg.lora.enabled else None
@@ -369,29 +391,44 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
             model.enable_input_require_grads()
-    theta0 = None if cfg.lora.enabled else snapshot(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = t.fused_adamw if t.fused_adamw is not None else None
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-                                  **({"fused": fused} if fused is not None else {}))
+    master = None
+    if t.precision == "bf16-master":  # fp32 masters from the weights as loaded, then the model goes bf16
+        master = MasterWeights(model)
+        cast_model(model, torch.bfloat16)
+        if base_copy is not None:
+            cast_model(base_copy, torch.bfloat16)
+    # the optimizer's parameters: the fp32 masters, or the model's own
+    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
+    fused = t.fused_adamw if t.fused_adamw is not None else all(p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy)
     if t.compile:
         module = torch.compile(module)
     module, optimizer = accelerator.prepare(module, optimizer)
-    anchor = l2_anchor(accelerator.unwrap_model(module)) if t.l2_to_base else None  # θ0, before any resume
+    # θ0 of L2-SP, before any resume
+    anchor = (l2_anchor(accelerator.unwrap_model(module), master) if t.l2_to_base else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # resume
     step, best_eval, bad_evals, initial_eval = 0, None, 0, None
+    def trainable() -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the trainable parameters (bf16-master: their fp32 masters)."""
+        if master:
+            return master.named()
+        return {n: p for n, p in accelerator.unwrap_model(module).model.named_parameters() if p.requires_grad}
+
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
     accelerator.wait_for_everyone()
     ckpts = list_checkpoints(out) if resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], accelerator.unwrap_model(module).model, optimizer, scheduler, rank)
+        state = load_checkpoint(ckpts[-1], trainable(), optimizer, scheduler, rank)
+        if master:
+            master.to_model()
         if state.get("world_size", world) != world:
             raise RuntimeError(f"{ckpts[-1]} was written by {state['world_size']} processes; resume with the same")
         step, best_eval, bad_evals = state["step"], state.get("best_eval"), state.get("bad_evals", 0)
@@ -405,8 +442,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
 
     def save(step_now: int):
         state = {"step": step_now, "best_eval": best_eval, "bad_evals": bad_evals, "initial_eval": initial_eval}
-        save_checkpoint(out, step_now, accelerator.unwrap_model(module).model, optimizer, scheduler, state,
-                        t.keep_last, rank, world, accelerator.wait_for_everyone)
+        save_checkpoint(out, step_now, trainable(), optimizer, scheduler, state, t.keep_last, rank, world,
+                        accelerator.wait_for_everyone)
 
     def log(row: dict):
         if metrics_file:
@@ -464,13 +501,15 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
                         ls, _, kl = module(batch)
                     objective = ls if kl is None else ls + t.kl_to_base * kl
                     accelerator.backward(objective * (world / global_weight))
+                if master and (world == 1 or i == len(mine) - 1):  # into fp32 (under DDP: after the all-reduce)
+                    master.take_grads()
                 sums[0] += float(ls.detach())
                 if kl is not None:
                     sums[1] += float(kl.detach())
             sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
             sft_loss, kl_mean = float(sums[0]) / global_weight, float(sums[1]) / global_weight
             # L2-SP: its exact gradient, once per optimizer step, after the micro-batches (and DDP's all-reduce)
-            l2 = add_l2_grad(accelerator.unwrap_model(module).model, anchor, t.l2_to_base) if anchor else 0.0
+            l2 = add_l2_grad(trainable(), anchor, t.l2_to_base) if anchor else 0.0
             loss = sft_loss + t.kl_to_base * kl_mean + l2
             if not math.isfinite(loss):
                 kept = list_checkpoints(out)
@@ -482,6 +521,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if master:
+                master.to_model()
             step += 1
             last_loss = loss
             dt = time.perf_counter() - t0
@@ -520,7 +561,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         log({"step": step, "eval_loss": eval_loss})
     save(step)
     unwrapped = accelerator.unwrap_model(module).model
-    change = weight_change(unwrapped, theta0, cfg.lora.enabled)
+    optimizer.state.clear()  # AdamW moments are in the checkpoint; free them before the final save
+    if master:
+        master.model_to_fp32()  # the final model: the exact fp32 masters
+        cast_model(unwrapped, torch.float32)
+    change = weight_change(unwrapped, cfg.model.path, cfg.lora.enabled)
     model_dir = None
     if is_main:
         model_dir = save_final(unwrapped, tokenizer, tmpl, cfg, out)
