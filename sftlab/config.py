@@ -7,6 +7,7 @@ line (`train.lr=1e-5`) and in the docs (`sftlab train --help-config` prints them
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,12 +188,21 @@ class ConfigError(ValueError):
     pass
 
 
+def _sub_model(annotation) -> tuple[type[BaseModel] | None, bool]:
+    """The config section behind a field's type (`Section` or `Section | None`), and whether it is optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    members = typing.get_args(annotation)
+    models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    return (models[0], type(None) in members) if len(models) == 1 else (None, False)
+
+
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, f in model.model_fields.items():
-        sub = f.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            keys += _all_keys(sub, f"{prefix}{name}.")
+        sub, optional = _sub_model(f.annotation)
+        if sub is not None:
+            keys += ([f"{prefix}{name}"] if optional else []) + _all_keys(sub, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
     return keys
@@ -260,12 +270,14 @@ def config_help(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[t
     """(key, default, description) for every field, for docs and `--help-config`."""
     rows = []
     for name, f in schema.model_fields.items():
-        sub = f.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
+        sub, optional = _sub_model(f.annotation)
+        if sub is not None:
+            if optional:  # an optional section (off by default): the section itself, then its keys
+                rows.append((f"{prefix}{name}", repr(f.default), f.description or ""))
             rows += config_help(sub, f"{prefix}{name}.")
         else:
             default = f.default_factory() if f.default_factory else f.default
-            rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+            rows.append((f"{prefix}{name}", "(required)" if f.is_required() else repr(default), f.description or ""))
     return rows
 
 

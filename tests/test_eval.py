@@ -127,6 +127,16 @@ def test_answer_metrics():
     # LCS("the cat sat on the mat", "the cat on the mat") = 5 tokens: P = 1, R = 5/6
     assert rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
     assert rouge_l("dog", "the cat") == 0.0
+    # numbers keep sign and decimal point; other punctuation goes
+    assert not exact_match("-5", "5") and exact_match("\u221212", "-12") and exact_match("x: -5.", "x -5")
+    assert not exact_match("3.5", "35") and exact_match("3.5 km.", "3.5 km") and exact_match("1,000", "1000")
+    # any script: rouge-score's own tokenizer keeps only [a-z0-9] (non-Latin text scored 0); CJK per character
+    assert rouge_l("Привет, мир", "привет мир") == 1.0
+    assert rouge_l("我爱北京", "我爱上海") == pytest.approx(0.5)
+    from rouge_score import rouge_scorer  # ASCII: the same as rouge-score's default
+
+    ref = rouge_scorer.RougeScorer(["rougeL"]).score("It's 5 o'clock, the cat_sat!", "its 5 oclock the cat sat")
+    assert rouge_l("its 5 oclock the cat sat", "It's 5 o'clock, the cat_sat!") == pytest.approx(ref["rougeL"].fmeasure)
 
 
 def test_label_set_and_accuracy():

@@ -355,3 +355,13 @@ def test_missing_replay_data_is_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="train.replay.data: .*nope.jsonl: no such file"):
         train(cfg)
     assert load_config(None, []).train.replay is None  # off by default
+
+
+def test_replay_keys_are_listed_and_suggested():
+    from sftlab.config import ConfigError, config_help, load_config
+
+    rows = {key: (default, desc) for key, default, desc in config_help()}
+    assert rows["train.replay"][0] == "None"
+    assert rows["train.replay.data"][0] == "(required)" and rows["train.replay.ratio"][0] == "0.1"
+    with pytest.raises(ConfigError, match="did you mean 'train.replay.ratio'"):
+        load_config(None, ["train.replay.data=[x.jsonl]", "train.replay.rati=0.1"])

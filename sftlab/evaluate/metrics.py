@@ -13,11 +13,25 @@ from functools import lru_cache
 
 
 def normalise_answer(text: str) -> str:
-    """Lowercase, drop punctuation (ASCII and Unicode), collapse whitespace."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    kept = "".join(" " if ch.isspace() else ch for ch in text
-                   if not unicodedata.category(ch).startswith("P"))
-    return " ".join(kept.split())
+    """Lowercase, drop punctuation (ASCII and Unicode), collapse whitespace; numbers keep their sign and decimal
+    point ("-5" is not "5", "3.5" is not "35")."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2212", "-")  # minus sign
+    kept = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            kept.append(" ")
+        elif not unicodedata.category(ch).startswith("P") or _numeric_mark(text, i):
+            kept.append(ch)
+    return " ".join("".join(kept).split())
+
+
+def _numeric_mark(text: str, i: int) -> bool:
+    """A sign before a number ("-5" at a word start) or a decimal point between digits ("3.5")."""
+    ch, prev = text[i], text[i - 1] if i else " "
+    nxt = text[i + 1] if i + 1 < len(text) else " "
+    if ch == "-":
+        return nxt.isdigit() and (prev.isspace() or i == 0 or prev in "([{")
+    return ch == "." and prev.isdigit() and nxt.isdigit()
 
 
 def _refs(reference: str | Iterable[str]) -> list[str]:
@@ -42,7 +56,23 @@ def _rouge_scorer():
         from rouge_score import rouge_scorer
     except ImportError as e:  # optional dependency
         raise ImportError("ROUGE-L needs the rouge-score package: pip install 'sftlab[eval]'") from e
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeTokenizer())
+
+
+class _UnicodeTokenizer:
+    """rouge-score's default tokenization (lowercase, non-alphanumerics split words) for any script: its own keeps
+    only [a-z0-9], so non-Latin text scored 0. CJK characters count one token each (no spaces between words)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        out = []
+        for ch in unicodedata.normalize("NFKC", text).lower():
+            if not ch.isalnum():
+                out.append(" ")
+            elif unicodedata.east_asian_width(ch) in ("W", "F"):
+                out.append(f" {ch} ")
+            else:
+                out.append(ch)
+        return "".join(out).split()
 
 
 def rouge_l(prediction: str, reference: str | Iterable[str]) -> float:
