@@ -216,6 +216,10 @@ TASK_METRICS = (("nll", "NLL", False, True), ("exact_match", "EM %", True, False
                 ("accuracy", "accuracy %", True, False))
 
 
+def _scaled(v: float | None, scale: float) -> float | None:
+    return None if v is None else v * scale
+
+
 def section_tasks(runs: list[Run]) -> str:
     parts = []
     for r in runs:
@@ -225,9 +229,10 @@ def section_tasks(runs: list[Run]) -> str:
         model, base = ev["results"]["model"], ev["results"].get("base")
         deltas = (ev.get("deltas") or {}).get("tasks", {})
         parts.append(f"<h3>{escape(r.name)}</h3>")
-        for key, label, _, _ in (TASK_METRICS[0], TASK_METRICS[2]):
-            bars = {t: {"model": v[key], "base": base["tasks"][t][key] if base else None, "seen": v.get("seen")}
-                    for t, v in model["tasks"].items()}
+        for key, label, pct, _ in (TASK_METRICS[0], TASK_METRICS[2]):
+            scale = 100 if pct else 1  # the same units as the table (EM / ROUGE-L in %)
+            bars = {t: {"model": _scaled(v[key], scale), "base": _scaled(base["tasks"][t][key], scale) if base else None,
+                        "seen": v.get("seen")} for t, v in model["tasks"].items()}
             parts.append(_img(plots.task_bars(bars, key, label), f"{r.name}: {label} per task"))
         rows = []
         macro_d = (ev.get("deltas") or {}).get("macro", {})
