@@ -7,7 +7,7 @@ TRL gets exactly those examples in exactly that order (pre-tokenized `input_ids`
 `completion_only_loss=True`, sequential sampler), so every optimizer step of both tools trains the same tokens
 with the same labels; both runs check this step by step (`identical_steps`). Same max length, same precision
 (bf16 compute, fp32 master weights and AdamW state: TRL by autocast, sftlab by `train.precision=bf16-master`;
-or `--precision fp32`), exact causal attention per example (TRL: SDPA with its mask; sftlab on CPU: `segments`),
+or `--precision fp32`), SDPA attention (sftlab's `auto`; `segments` in the ablation's packed rows),
 gradient checkpointing off, eval off, no saving inside the timed steps. TRL runs in each of `--trl-modes` and the
 best is compared:
   padding       the step's examples right-padded to the longest (TRL's default collator)

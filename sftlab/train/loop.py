@@ -377,10 +377,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     total_steps = stream.steps
 
     # model + optimizer
-    # auto: on CPU, causal attention per example (sftlab/attention.py: no padding mask, packed rows not quadratic)
+    # auto: packed rows on CPU get causal attention per example (sftlab/attention.py: Σnᵢ², not the dense row²
+    # block-diagonal mask of transformers' sdpa); padded rows sdpa (measured equal: docs/benchmarks.md)
     attn = cfg.model.attn_implementation
     if attn == "auto":
-        attn = "sdpa" if accelerator.device.type == "cuda" else "segments"
+        attn = "segments" if accelerator.device.type == "cpu" and t.batching == "packed" else "sdpa"
     model = load_model(cfg.model.path, cfg.model.dtype, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False
     # KL reference: LoRA switches its adapter off (no copy); full fine-tuning keeps the weights before training
