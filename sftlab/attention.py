@@ -15,7 +15,7 @@ CPU takes the flash kernel's causal path (a padding mask forces the slower maske
 HF's `sdpa` builds a dense block-diagonal [T, T] mask). Registered with transformers' `AttentionInterface` (its
 extension point for attention functions; nothing is patched) under the name `segments`; transformers then passes
 no mask, only `position_ids`. Not for generation or left padding: training and scoring of right-padded or packed
-batches only (`train.py` uses it by default on CPU: `model.attn_implementation: auto`).
+batches only (the training loop's `model.attn_implementation: auto` picks it for packed rows on CPU).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 # ---- shared options (the same names as the config keys) -------------------------------------------------
+HelpConfigOpt = Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")]
 ModelOpt = Annotated[str, typer.Option("--model", help="HF model dir, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")]
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="alpaca | prompt_completion | messages | sharegpt (default: detect per file)")]
 TemplateOpt = Annotated[str, typer.Option("--template", help="'default' (tokenizer's chat template), chatml, alpaca, or a .jinja file")]
@@ -60,6 +61,19 @@ def run_guarded(fn):
         return fn()
     except (DataError, TemplateError, ModelError, FileNotFoundError, ValueError) as e:
         fail(str(e).replace("[", "\\["))
+
+
+def run_training(fn):
+    """`run_guarded`, plus a diverged training (non-finite loss) reported as one clear line."""
+    from .train.loop import TrainingDiverged
+
+    def go():
+        try:
+            return fn()
+        except TrainingDiverged as e:
+            fail(str(e))
+
+    return run_guarded(go)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -126,21 +140,15 @@ def train_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config (see configs/)")] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted key=value overrides, e.g. train.lr=1e-5")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the last checkpoint in output_dir")] = True,
-    help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")] = False,
+    help_config: HelpConfigOpt = False,
 ):
     """Fine-tune (full or LoRA) with the one-file training loop."""
     cfg = _config_or_help(config, overrides, help_config)
     if cfg is None:
         return
-    from .train.loop import TrainingDiverged, train
+    from .train.loop import train
 
-    def go():
-        try:
-            return train(cfg, console, resume=resume)
-        except TrainingDiverged as e:
-            fail(str(e))
-
-    run_guarded(go)
+    run_training(lambda: train(cfg, console, resume=resume))
 
 
 @app.command("merge")
@@ -389,23 +397,16 @@ def run_cmd(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Redo this stage and every later one: audit | select | train | eval | report")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Redo only this stage (its input stages must be complete)")] = None,
     redo_changed: Annotated[bool, typer.Option("--redo-changed", help="Redo the audit or training when their settings changed, instead of stopping")] = False,
-    help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")] = False,
+    help_config: HelpConfigOpt = False,
 ):
     """audit -> select -> train -> eval -> report in one run directory (output_dir); re-running resumes."""
     cfg = _config_or_help(config, overrides, help_config)
     if cfg is None:
         return
     from .runner import run_pipeline
-    from .train.loop import TrainingDiverged
 
-    def go():
-        try:
-            return run_pipeline(cfg, console, from_stage=from_stage, only=only,
-                                on_change="redo" if redo_changed else "error")
-        except TrainingDiverged as e:
-            fail(str(e))
-
-    run_guarded(go)
+    run_training(lambda: run_pipeline(cfg, console, from_stage=from_stage, only=only,
+                                      on_change="redo" if redo_changed else "error"))
 
 
 @app.command("demo")

@@ -100,7 +100,8 @@ def test_master_weights_helpers_round_trip():
             m.add_(1e-4)
     master.to_model()
     assert torch.equal(model[0].weight, master.params[0].to(torch.bfloat16))
-    master.model_to_fp32()
+    cast_model(model, torch.float32)  # how the loop saves the final model: fp32, then the masters copied in
+    master.to_model()
     assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight, master.params[0])
 
 

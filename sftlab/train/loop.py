@@ -309,16 +309,13 @@ def module_group(name: str) -> str:
 
 def base_weights(model_path: str) -> dict[str, torch.Tensor]:
     """The base model's weights as loaded for training (θ0), read again from disk after training."""
-    from ..models import load_model
-
     return {n: p.detach() for n, p in load_model(model_path, "fp32").named_parameters()}
 
 
-def weight_change(model, base: str | dict[str, torch.Tensor] | None, lora: bool) -> dict:
+def weight_change(model, base_path: str, lora: bool) -> dict:
     """Relative change ||θ-θ0|| / ||θ0|| overall and per module group (LoRA: ΔW of each adapted layer).
 
-    base: θ0 as a name -> tensor dict, or the base model's path (read after training, so θ0 costs no memory
-    while training)."""
+    θ0 (full fine-tuning) is read from `base_path` after training, so it costs no memory while training."""
     sq_d, sq_0 = {}, {}
     if lora:
         for name, mod in model.named_modules():
@@ -329,7 +326,7 @@ def weight_change(model, base: str | dict[str, torch.Tensor] | None, lora: bool)
                 sq_d[g] = sq_d.get(g, 0.0) + float(d.pow(2).sum())
                 sq_0[g] = sq_0.get(g, 0.0) + float(w.pow(2).sum())
     else:
-        theta0 = base_weights(base) if isinstance(base, (str, os.PathLike)) else base
+        theta0 = base_weights(base_path)
         for n, p in model.named_parameters():
             if p.requires_grad and n in theta0 and theta0[n].shape == p.shape:
                 g = module_group(n)
@@ -409,18 +406,17 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     if t.compile:
         module = torch.compile(module)
     module, optimizer = accelerator.prepare(module, optimizer)
-    # θ0 of L2-SP, before any resume
-    anchor = (l2_anchor(accelerator.unwrap_model(module), master) if t.l2_to_base else None)
+    anchor = l2_anchor(accelerator.unwrap_model(module), master) if t.l2_to_base else None  # θ0, before any resume
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    # resume
-    step, best_eval, bad_evals, initial_eval = 0, None, 0, None
     def trainable() -> dict[str, torch.Tensor]:
-        """What a checkpoint holds: the trainable parameters (bf16-master: their fp32 masters)."""
+        """What checkpoints and L2-SP work on: the trainable parameters by name (bf16-master: the fp32 masters)."""
         if master:
             return master.named()
         return {n: p for n, p in accelerator.unwrap_model(module).model.named_parameters() if p.requires_grad}
 
+    # resume
+    step, best_eval, bad_evals, initial_eval = 0, None, 0, None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
@@ -563,9 +559,9 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     save(step)
     unwrapped = accelerator.unwrap_model(module).model
     optimizer.state.clear()  # AdamW moments are in the checkpoint; free them before the final save
-    if master:
-        master.model_to_fp32()  # the final model: the exact fp32 masters
+    if master:  # the final model: the exact fp32 masters
         cast_model(unwrapped, torch.float32)
+        master.to_model()
     change = weight_change(unwrapped, cfg.model.path, cfg.lora.enabled)
     model_dir = None
     if is_main:

@@ -53,16 +53,10 @@ class MasterWeights:
                 p.grad = None
 
     def to_model(self) -> None:
-        """Copy the masters into the model's parameters (rounded to their dtype)."""
+        """Copy the masters into the model's parameters (rounded to their dtype; exact once cast to fp32)."""
         with torch.no_grad():
             for m, p in zip(self.params, self.model_params):
                 p.copy_(m)
-
-    def model_to_fp32(self) -> None:
-        """Make the model's trainable parameters the exact fp32 masters (for saving the final model)."""
-        with torch.no_grad():
-            for m, p in zip(self.params, self.model_params):
-                p.data = m.detach().clone()
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
