@@ -10,12 +10,21 @@ attention, so no mask is needed:
 - packed rows: causal attention within each segment (a run of positions starting at 0), segment by segment.
   The work is Σ nᵢ² over the row's examples instead of the row length squared, and examples never see each other.
 
-Each call is `torch.nn.functional.scaled_dot_product_attention(..., is_causal=True)` without a mask, which on
-CPU takes the flash kernel's causal path (a padding mask forces the slower masked path, and a packed row under
-HF's `sdpa` builds a dense block-diagonal [T, T] mask). Registered with transformers' `AttentionInterface` (its
-extension point for attention functions; nothing is patched) under the name `segments`; transformers then passes
-no mask, only `position_ids`. Not for generation or left padding: training and scoring of right-padded or packed
-batches only (the training loop's `model.attn_implementation: auto` picks it for packed rows on CPU).
+Each causal block goes to `causal_attention`: on CPU, for blocks of at most `BMM_MAX_LEN` tokens, a bmm kernel
+(`CausalBmmAttention`: two batched matmuls forward, recomputation plus four backward, softmax and its backward as
+single fused ops, examples processed in cache-sized chunks); otherwise `scaled_dot_product_attention(...,
+is_causal=True)` without a mask (the flash kernel's causal path). PyTorch's CPU flash kernel has a large fixed cost
+in its backward (measured: 20 ms a layer for 8 x 100 tokens, where the bmm kernel takes 6 ms in all; 94 vs 71 ms at
+8 x 512), so short blocks, which is most SFT data, are much cheaper on the bmm path, while long ones (>= 1024
+tokens) are cheaper on flash, which skips the masked half (docs/benchmarks.md). Registered with transformers'
+`AttentionInterface` (its extension point for attention functions; nothing is patched) under the name
+`segments`; transformers then passes no mask, only `position_ids`. Not for generation or left padding: training
+and scoring of right-padded or packed batches only (the training loop's `model.attn_implementation: auto` picks
+it on CPU).
+
+Numerics of the bmm kernel: scores and probabilities are rounded to the inputs' dtype (in bf16 ~1e-2 relative
+error in outputs and gradients against an fp64 reference, ~2.5x the flash kernel's, which keeps scores in fp32;
+the same as transformers' `eager` attention in bf16); in fp32 it agrees with SDPA to ~1e-6.
 """
 
 from __future__ import annotations
@@ -24,6 +33,77 @@ import torch
 import torch.nn.functional as F
 
 NAME = "segments"
+BMM_MAX_LEN = 768  # CPU blocks up to this length take the bmm kernel (measured crossover between 512 and 1024)
+CHUNK_BYTES = 4 << 20  # the bmm kernel's score tensor per chunk of examples (cache-sized; measured best ~2-5 MB)
+
+
+def _probs(qs: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """softmax(qs kᵀ + causal mask) for qs [b, Hkv, g*T, D] (scaled queries, grouped by KV head), k [b, Hkv, T, D]."""
+    b, hkv, gt, _ = qs.shape
+    t = k.shape[2]
+    s = torch.matmul(qs, k.transpose(-1, -2))
+    s.view(b, hkv, groups, t, t).masked_fill_(mask, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+class CausalBmmAttention(torch.autograd.Function):
+    """Causal attention of right-aligned blocks with batched matmuls; saves only q, k, v (P recomputed backward).
+
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] with Hq a multiple of Hkv (grouped-query attention without repeating
+    K/V: the g query heads of one KV head are stacked as g*T rows). Examples are processed in chunks whose score
+    tensor stays near `CHUNK_BYTES`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        bsz, hq, t, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        qs = (q * scale).reshape(bsz, hkv, g * t, d)
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+        chunk = max(1, CHUNK_BYTES // (hq * t * t * q.element_size()))
+        out = torch.empty(bsz, hkv, g * t, v.shape[-1], dtype=q.dtype, device=q.device)
+        for i in range(0, bsz, chunk):
+            torch.matmul(_probs(qs[i:i + chunk], k[i:i + chunk], mask, g), v[i:i + chunk], out=out[i:i + chunk])
+        ctx.save_for_backward(qs, k, v)
+        ctx.scale, ctx.chunk, ctx.groups = scale, chunk, g
+        return out.view(bsz, hq, t, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qs, k, v = ctx.saved_tensors
+        bsz, hkv, gt, d = qs.shape
+        t, g, chunk = k.shape[2], ctx.groups, ctx.chunk
+        mask = torch.ones(t, t, dtype=torch.bool, device=qs.device).triu_(1)
+        go = grad_out.reshape(bsz, hkv, gt, v.shape[-1])
+        dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
+        for i in range(0, bsz, chunk):
+            sl = slice(i, i + chunk)
+            p = _probs(qs[sl], k[sl], mask, g)
+            torch.matmul(p.transpose(-1, -2), go[sl], out=dv[sl])
+            dp = torch.matmul(go[sl], v[sl].transpose(-1, -2))
+            ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(dp * p))
+            del p, dp
+            torch.matmul(ds, k[sl], out=dq[sl])
+            torch.matmul(ds.transpose(-1, -2), qs[sl], out=dk[sl])
+        dq.mul_(ctx.scale)
+        return dq.view(bsz, hkv * g, t, d), dk, dv, None
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys/values (no mask): [B, Hq, T, D].
+
+    CPU blocks of at most `BMM_MAX_LEN` tokens without dropout take `CausalBmmAttention`; everything else SDPA's
+    causal path (flash on CPU and CUDA).
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if query.device.type == "cpu" and query.shape[2] <= BMM_MAX_LEN and dropout == 0.0:
+        return CausalBmmAttention.apply(query, key, value, scale)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale)
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
@@ -46,25 +126,24 @@ def segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         raise ValueError("segments attention takes no mask (it reads position_ids); use attn_implementation sdpa")
     if key.shape[2] != query.shape[2]:
         raise ValueError("segments attention is for training and scoring without a KV cache")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     if position_ids is None:
         raise ValueError(f"segments attention needs position_ids, and {type(module).__name__} does not pass them to "
                          f"its attention function; set model.attn_implementation=sdpa")
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        raise ValueError(f"segments attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} "
+                         f"key/value heads")
     p = dropout if module.training else 0.0
     bounds = None
     position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(query.shape[0], -1)
     if bool((position_ids[:, 1:] == 0).any()):  # a packed row: several segments
         bounds = segment_bounds(position_ids)
     if bounds is None:
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling)
+        out = causal_attention(query, key, value, scaling, p)
     else:
         rows = []
         for b, starts in enumerate(bounds):
-            parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                    value[b:b + 1, :, s:e], dropout_p=p, is_causal=True,
-                                                    scale=scaling)
+            parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                      scaling, p)
                      for s, e in zip(starts, starts[1:])]
             rows.append(torch.cat(parts, dim=2))
         out = torch.cat(rows, dim=0)

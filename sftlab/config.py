@@ -23,7 +23,7 @@ class ModelConfig(Strict):
     path: str = Field("default", description="HF model dir, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="Weight dtype when loading (bf16 autocast: train.precision)")
     attn_implementation: str | None = Field(
-        "auto", description="auto (packed rows on CPU: segments, else sdpa) | segments (causal attention per example, "
+        "auto", description="auto (training on CPU: segments, else sdpa) | segments (causal attention per example, "
         "sftlab/attention.py) | sdpa | eager | flash_attention_2 | flex_attention")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory")
 

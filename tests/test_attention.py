@@ -57,3 +57,76 @@ def test_segment_bounds_and_errors():
     model.set_attn_implementation("segments")
     with pytest.raises(ValueError, match="without a KV cache"):  # generation needs another implementation
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+
+
+def _qkv(b, t, hq, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # laid out like a model's projections: [B, T, H, D] transposed to [B, H, T, D] (not contiguous)
+    q = (2 * torch.randn(b, t, hq, d, generator=g)).to(dtype).transpose(1, 2)
+    k = (2 * torch.randn(b, t, hkv, d, generator=g)).to(dtype).transpose(1, 2)
+    v = torch.randn(b, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    return q, k, v
+
+
+def _attn_grads(fn, q, k, v, go):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(go.to(out.dtype))
+    return [out, q.grad, k.grad, v.grad]
+
+
+def _sdpa_reference(q, k, v):
+    rep = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+def test_bmm_attention_equals_sdpa_in_fp32(hq, hkv):
+    """The bmm kernel (forward and its hand-written backward) is causal attention: equal to SDPA in fp32, with
+    grouped-query heads (no K/V repeat) and without."""
+    from sftlab.attention import CausalBmmAttention
+
+    q, k, v = _qkv(3, 37, hq, hkv, 16, torch.float32)
+    go = torch.randn(3, hq, 37, 16, generator=torch.Generator().manual_seed(1))
+    got = _attn_grads(lambda a, b, c: CausalBmmAttention.apply(a, b, c, 16 ** -0.5), q, k, v, go)
+    ref = _attn_grads(_sdpa_reference, q, k, v, go)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_bmm_attention_bf16_error_is_bounded_and_chunking_changes_nothing(monkeypatch):
+    """bf16: outputs and gradients within 2e-2 (relative norm) of an fp64 reference; the chunk size (examples per
+    batched matmul) does not change any value."""
+    import sftlab.attention as attention
+
+    q, k, v = _qkv(4, 50, 6, 2, 32, torch.bfloat16, seed=2)
+    go = torch.randn(4, 6, 50, 32, generator=torch.Generator().manual_seed(3))
+
+    def bmm(a, b, c):
+        return attention.CausalBmmAttention.apply(a, b, c, 32 ** -0.5)
+
+    ref = _attn_grads(_sdpa_reference, q.double(), k.double(), v.double(), go.double())
+    whole = _attn_grads(bmm, q, k, v, go)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), whole, ref):
+        assert float((a.detach().double() - b.detach()).norm() / b.detach().norm()) < 2e-2, name
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # one example per chunk
+    chunked = _attn_grads(bmm, q, k, v, go)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), chunked, whole):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_causal_attention_dispatch(monkeypatch):
+    """CPU blocks up to BMM_MAX_LEN take the bmm kernel, longer ones (or with dropout) SDPA; both are causal."""
+    import sftlab.attention as attention
+
+    calls = []
+    real = attention.CausalBmmAttention.apply
+    monkeypatch.setattr(attention.CausalBmmAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv(2, 20, 4, 2, 8, torch.float32)
+    ref = _sdpa_reference(q, k, v)
+    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+    monkeypatch.setattr(attention, "BMM_MAX_LEN", 19)
+    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    assert calls == [1]  # 20 tokens > 19: SDPA

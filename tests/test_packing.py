@@ -89,6 +89,29 @@ def test_length_grouped_batches_properties():
     assert sum(lengths) / padded > 0.9
     fixed = length_grouped_batches(lengths, batch_size=16, seed=3)
     assert [len(b) for b in fixed].count(16) == 62 and sorted(len(b) for b in fixed)[0] == 1000 - 62 * 16
+    # the batch with the most padded tokens comes first (memory peak and any out-of-memory at step 1) ...
+    size = [len(b) * max(lengths[i] for i in b) for b in fixed]
+    assert size[0] == max(size)
+    # ... and the rest keep the shuffled order (not sorted by size)
+    assert size[1:] != sorted(size[1:], reverse=True) and size[1:] != sorted(size[1:])
+
+
+def test_epoch_batches_largest_first_both_batchings(tmp_path):
+    from sftlab.config import load_config
+    from sftlab.data.tokenize import Example
+    from sftlab.train.loop import epoch_batches
+
+    rng = random.Random(1)
+    examples = [Example(list(range(n)), [-100] * n) for n in (rng.randint(5, 120) for _ in range(200))]
+    for extra in (["train.batching=length_grouped", "train.batch_size=8"],
+                  ["train.batching=packed", "train.batch_tokens=256"]):
+        cfg = load_config(None, [f"output_dir={tmp_path}", "data.train=[x.jsonl]", *extra])
+        for epoch in (0, 1):
+            plan = epoch_batches(examples, cfg, epoch)
+            assert sorted(i for b in plan for i in b) == list(range(200))
+            lens = [[len(examples[i].input_ids) for i in b] for b in plan]
+            size = [sum(ls) if "packed" in extra[0] else len(ls) * max(ls) for ls in lens]
+            assert size[0] == max(size), (extra, epoch)
 
 
 def test_collate_packed_exact():

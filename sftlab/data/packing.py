@@ -79,7 +79,8 @@ def length_grouped_batches(lengths: Sequence[int], *, batch_tokens: int | None =
     Examples are sorted by length (longest first; with `shuffle`, equal lengths are tie-broken by a seeded
     permutation so batches vary between seeds) and cut greedily: either `batch_size` examples per batch, or as
     many as keep the padded size `len(batch) * max_len <= batch_tokens`. With `shuffle` the batch order is
-    then shuffled with `seed`; without it, batches stay longest first (out-of-memory shows up at once).
+    then shuffled with `seed`, except that the batch with the most padded tokens stays first (`largest_first`);
+    without it, batches stay longest first.
     """
     if (batch_tokens is None) == (batch_size is None):
         raise ValueError("give exactly one of batch_tokens and batch_size")
@@ -109,7 +110,22 @@ def length_grouped_batches(lengths: Sequence[int], *, batch_tokens: int | None =
             batches.append(cur)
     if shuffle:
         rng.shuffle(batches)
+        batches = largest_first(batches, [max(lengths[i] for i in b) * len(b) for b in batches])
     return batches
+
+
+def largest_first(batches: list[list[int]], sizes: Sequence[int]) -> list[list[int]]:
+    """The batch of the largest size moved to the front, the others in their order.
+
+    As transformers' length-grouped sampler does: the step with the most memory comes first, so an out-of-memory
+    error shows at step 1 instead of hours in, and on CPU the process's heap reaches its peak size once, at the
+    start (with `train.malloc_tuning` it is then reused; a later, larger step would page-fault gigabytes of new
+    memory in: measured 2.8 GB, ~10 s of system time for an 8 x 512-token step of the default model).
+    """
+    if not batches:
+        return batches
+    k = max(range(len(batches)), key=lambda i: (sizes[i], -i))
+    return [batches[k]] + batches[:k] + batches[k + 1:]
 
 
 def _weights(ex: Example) -> list[float]:

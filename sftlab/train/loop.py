@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import RunConfig, dump_config
-from ..data.packing import collate_packed, collate_padded, length_grouped_batches, pack_best_fit
+from ..data.packing import collate_packed, collate_padded, largest_first, length_grouped_batches, pack_best_fit
 from ..data.pipeline import DataOptions, DataReport, iter_examples
 from ..data.template import ChatTemplate, resolve_template
 from ..generate import end_of_turn_ids
@@ -44,7 +44,7 @@ from ..models import load_model, load_tokenizer, resolve_model
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .loss import sft_kl_loss_sum, sft_loss_sum
 from .precision import MasterWeights, cast_model
-from .runtime import tune_malloc
+from .runtime import init_adamw_state, release_memory, tune_malloc
 
 
 class TrainingDiverged(RuntimeError):
@@ -167,7 +167,8 @@ def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int,
                              t.batch_tokens or cfg.data.max_length)
         rows = [[pool[i] for i in row] for row in rows]
         random.Random(t.seed * 1_000_003 + epoch).shuffle(rows)
-        return rows
+        sizes = [sum(lengths[i] if i < n else len(replay[i - n].input_ids) for i in row) for row in rows]
+        return largest_first(rows, sizes)
     batches = length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
                                       batch_size=t.batch_size, shuffle=True, seed=t.seed * 1_000_003 + epoch)
     if ratio > 0:
@@ -374,11 +375,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     total_steps = stream.steps
 
     # model + optimizer
-    # auto: packed rows on CPU get causal attention per example (sftlab/attention.py: Σnᵢ², not the dense row²
-    # block-diagonal mask of transformers' sdpa); padded rows sdpa (measured equal: docs/benchmarks.md)
+    # auto: on CPU causal attention per example (sftlab/attention.py: no mask, Σnᵢ² for packed rows instead of
+    # the dense row², a bmm kernel for short blocks; docs/benchmarks.md); elsewhere transformers' sdpa
     attn = cfg.model.attn_implementation
     if attn == "auto":
-        attn = "segments" if accelerator.device.type == "cpu" and t.batching == "packed" else "sdpa"
+        attn = "segments" if accelerator.device.type == "cpu" else "sdpa"
     model = load_model(cfg.model.path, cfg.model.dtype, attn, cfg.model.trust_remote_code)
     model.config.use_cache = False
     # KL reference: LoRA switches its adapter off (no copy); full fine-tuning keeps the weights before training
@@ -400,6 +401,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
     fused = t.fused_adamw if t.fused_adamw is not None else all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
+    init_adamw_state(optimizer)  # moments allocated before the first forward: the memory peak comes at step 1
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy)
@@ -583,6 +585,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
                          and eval_loss is not None else f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
                       + f", weights moved {change['overall']:.2e} (relative) -> {model_dir}"
                       + mitigations_note(cfg, len(replay_ex)), highlight=False)
+    if t.malloc_tuning:
+        release_memory()  # the heap kept for reuse while training goes back to the OS
     accelerator.wait_for_everyone()
     return TrainResult(out, step, last_loss, eval_loss, change, model_dir)
 
