@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
 TRL_MODES = ("padding", "padding_free", "packing")
 VARIANTS = ("full", "autocast", "no_malloc_tuning", "unfused_adamw", "fp32", "random_batches", "full_logits_ce",
-            "packed", "compile", "sdpa_attention", "eager_attention")
+            "packed", "compile", "flash_attention", "sdpa_attention", "eager_attention")
 
 # Architectures built from a config with random weights (throughput does not depend on the values).
 ARCHS = {
@@ -346,6 +346,18 @@ def child_sftlab(spec: dict) -> dict:
             return full_logits_loss_sum(model, batch, chunk_size)
 
         loop.sft_loss_sum = counted_loss
+    if variant == "flash_attention":
+        # emulation: sftlab's `segments` attention with its bmm kernel off (every block on SDPA's flash path)
+        import sftlab.attention as attention
+
+        real = attention.causal_attention
+
+        def counted(*a, **k):
+            used["attn"] = used.get("attn", 0) + 1
+            return real(*a, **k)
+
+        attention.BMM_MAX_LEN = 0
+        attention.causal_attention = counted
     t0 = time.perf_counter()
     loop.train(cfg, console=Console(stderr=True, quiet=True), resume=False)
     wall = time.perf_counter() - t0
@@ -360,6 +372,8 @@ def child_sftlab(spec: dict) -> dict:
         out["emulation_used"] = used["plan"] > 0
     if variant == "full_logits_ce":
         out["emulation_used"] = used["loss"] > 0
+    if variant == "flash_attention":
+        out["emulation_used"] = used.get("attn", 0) > 0
     return out
 
 
