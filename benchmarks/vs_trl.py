@@ -304,6 +304,82 @@ def child_matmul(spec: dict) -> dict:
     return out
 
 
+def child_ceiling(spec: dict) -> dict:
+    """The hardware limit for this model's training step on this machine, measured piece by piece.
+
+    matmul: the model's own linear layers (every distinct shape of one decoder layer, forward + both backward
+    matmuls, times the layer count) at the timed steps' mean real tokens, plus the LM head at their mean trained
+    targets, in the run's precision; optimizer: sftlab's optimizer step for this model as the run does it
+    (bf16: gradients into the fp32 masters, clipping, fused AdamW, masters back to bf16). Attention and every
+    element-wise op are counted as free, so flops / (matmul + optimizer) is an upper bound on the achievable MFU.
+    """
+    from collections import Counter
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftlab.train.precision import MasterWeights, cast_model
+    from sftlab.train.runtime import init_adamw_state
+
+    _threads(spec)
+    dev = spec["device"]
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+
+    def timed(fn, reps: int = 5) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def fwd_bwd(m: int, k: int, n: int) -> float:
+        x, w, g = (torch.randn(*shape, device=dev).to(dtype) for shape in ((m, k), (n, k), (m, n)))
+        return timed(lambda: (x @ w.t(), g @ w, g.t() @ x))
+
+    cfg = AutoConfig.from_pretrained(spec["model_dir"])
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg)
+    layer = model.get_decoder().layers[0]
+    shapes = Counter((m.in_features, m.out_features) for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    tokens, trained = max(1, round(spec["tokens"])), max(1, round(spec["trained"]))
+    head = model.get_output_embeddings().weight
+    body_s = sum(c * fwd_bwd(tokens, k, n) for (k, n), c in shapes.items()) * len(model.get_decoder().layers)
+    head_s = fwd_bwd(trained, head.shape[1], head.shape[0])
+    flops = (6.0 * tokens * sum(c * k * n for (k, n), c in shapes.items()) * len(model.get_decoder().layers)
+             + 6.0 * trained * head.shape[0] * head.shape[1])
+
+    master = None
+    if dtype == torch.bfloat16:
+        master = MasterWeights(model)
+        cast_model(model, torch.bfloat16)
+    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
+    grads_of = master.model_params if master else params
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    init_adamw_state(opt)
+
+    def opt_step():
+        if master:
+            master.take_grads()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if master:
+            master.to_model()
+
+    best = float("inf")
+    for _ in range(4):
+        for p in grads_of:
+            p.grad = torch.full_like(p, 1e-3)
+        best = min(best, timed(opt_step, reps=1))
+    return {"tokens": tokens, "trained": trained, "matmul_s": body_s + head_s,
+            "matmul_gflops": flops / (body_s + head_s) / 1e9, "optimizer_s": best}
+
+
 def full_logits_loss_sum(model, batch: dict, chunk_size: int = 1024):
     """The ablation's "-chunked CE": HF-style loss, LM head over every position, [B, T, V] fp32 logits, then CE.
 
@@ -444,7 +520,7 @@ def child_trl(spec: dict) -> dict:
     return {"steps": steps, "first_loss": losses.get(1), "wall_s": wall, **_peak_mem(spec)}
 
 
-CHILDREN = {"matmul": child_matmul, "sftlab": child_sftlab, "trl": child_trl}
+CHILDREN = {"matmul": child_matmul, "ceiling": child_ceiling, "sftlab": child_sftlab, "trl": child_trl}
 
 
 def mem_available_mb() -> float:
@@ -636,13 +712,28 @@ def _run(args, workdir: Path, err) -> dict:
         raise SystemExit(f"matmul peak run failed: {peaks['error']}")
     err.print(f"matmul peak: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s, bf16 {peaks['bf16_gflops']:.0f} GFLOP/s")
 
+    timed = expected[args.warmup:] or expected
+    mean_flops = sum(step_flops(shape, st) for st in timed) / len(timed)
+    ceil = run_child("ceiling", {**spec0, "tokens": sum(st["real"] for st in timed) / len(timed),
+                                 "trained": sum(st["trained"] for st in timed) / len(timed)},
+                     workdir, "ceiling", args.min_free_mb)
+    if "error" in ceil:
+        raise SystemExit(f"ceiling run failed: {ceil['error']}")
+    peak = peaks["bf16_gflops" if args.precision == "bf16" else "fp32_gflops"] * 1e9
+    ceiling = {"model_shape_matmul_gflops": ceil["matmul_gflops"], "matmul_s_per_step": ceil["matmul_s"],
+               "optimizer_s_per_step": ceil["optimizer_s"],
+               f"max_fraction_of_{args.precision}_peak": mean_flops / (ceil["matmul_s"] + ceil["optimizer_s"]) / peak}
+    err.print(f"ceiling: the model's matmuls at {ceil['matmul_gflops']:.0f} GFLOP/s ({ceil['matmul_s']:.3g} s a step), "
+              f"optimizer {ceil['optimizer_s']:.3g} s -> at most "
+              f"{ceiling[f'max_fraction_of_{args.precision}_peak']:.0%} of the {args.precision} peak")
+
     common = {"model": args.model if not args.arch else f"{args.arch} (random init)", "device": args.device,
               "precision": args.precision, "threads": args.threads if args.device == "cpu" else None,
               "examples": len(examples), "batch_size": args.batch_size, "max_length": args.max_length,
               "steps_timed": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
               "n_params": shape["n_params"], "data": {"source": args.data, "seed": args.seed, **counts,
                                                       "tokens_p50": lens[len(lens) // 2], "tokens_max": lens[-1]},
-              "matmul_peak": _r(peaks, 4)}
+              "matmul_peak": _r(peaks, 4), "ceiling": _r(ceiling, 4)}
     if args.ablation:
         result = _ablation(args, workdir, err, spec0, examples, plan, expected, shape, peaks, common)
     else:

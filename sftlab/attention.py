@@ -99,7 +99,14 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if query.device.type == "cpu" and query.shape[2] <= BMM_MAX_LEN and dropout == 0.0:
-        return CausalBmmAttention.apply(query, key, value, scale)
+        # one dtype for all three: under autocast its dtype (as SDPA would run), else their promotion (rotary
+        # embeddings in fp32 can leave q and k in fp32 beside a bf16 v)
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        else:
+            dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        with torch.autocast("cpu", enabled=False):
+            return CausalBmmAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), scale)
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)

@@ -130,3 +130,18 @@ def test_causal_attention_dispatch(monkeypatch):
     monkeypatch.setattr(attention, "BMM_MAX_LEN", 19)
     torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
     assert calls == [1]  # 20 tokens > 19: SDPA
+
+
+def test_segments_under_bf16_autocast_matches_sdpa():
+    """`train.precision: bf16` (autocast over fp32 weights) leaves q/k in fp32 after rotary beside a bf16 v: the
+    bmm kernel runs them in the autocast dtype, as SDPA does; losses agree within bf16 tolerance."""
+    register()
+    batch = collate_padded(_examples([9, 30, 17], seed=4), pad_token_id=2)
+    losses = {}
+    for impl in ("sdpa", "segments"):
+        model = make_tiny_llama(vocab_size=V).train()
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl], grads = _loss_and_grads(model, batch)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+    assert losses["segments"] == pytest.approx(losses["sdpa"], rel=2e-2)
