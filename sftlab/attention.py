@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 NAME = "segments"
 BMM_MAX_LEN = 768  # CPU blocks up to this length take the bmm kernel (measured crossover between 512 and 1024)
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa: no K/V repeat
 CHUNK_BYTES = 4 << 20  # the bmm kernel's score tensor per chunk of examples (cache-sized; measured best ~2-5 MB)
 
 
@@ -107,10 +108,14 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
         with torch.autocast("cpu", enabled=False):
             return CausalBmmAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), scale)
+    gqa = {}
     if key.shape[1] != query.shape[1]:  # grouped-query attention
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale)
+        if SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale, **gqa)
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:

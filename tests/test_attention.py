@@ -130,6 +130,8 @@ def test_causal_attention_dispatch(monkeypatch):
     monkeypatch.setattr(attention, "BMM_MAX_LEN", 19)
     torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
     assert calls == [1]  # 20 tokens > 19: SDPA
+    monkeypatch.setattr(attention, "SDPA_GQA", not attention.SDPA_GQA)  # K/V repeated, or SDPA's enable_gqa
+    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_segments_under_bf16_autocast_matches_sdpa():
