@@ -21,11 +21,13 @@ sftlab, TRL, sftlab, TRL for `--rounds`; the first `--warmup` steps of each run 
 trained tokens (targets of the loss) per second; per tool the best round is reported, with every round beside it.
 sftlab's achieved model FLOP/s counts the work the objective needs: 6·N_body·(real input tokens) + 6·H·V·(trained
 targets: the LM head is only needed there) + causal attention 6·L·d_attn·Σ n_i² per example; its fraction of the
-matmul peak measured in the same run (large square matmul, `--threads` threads) is the MFU.
+matmul peak measured in the same run (large square matmul, `--threads` threads) is the MFU. `ceiling` is the
+hardware limit for this model's step, measured in the run too: the model's own matmul shapes at the steps' mean
+tokens plus sftlab's optimizer step, everything else free, give the highest MFU any implementation could reach.
 
 `--ablation` instead runs sftlab variants side by side (full, autocast, -malloc tuning, -fused AdamW, fp32,
--length grouping, -chunked CE, packed rows, HF sdpa / eager attention,
-+torch.compile; see docs/benchmarks.md) and prints their own JSON line.
+-length grouping, -chunked CE, packed rows, flash instead of the bmm attention kernel, HF sdpa / eager
+attention, +torch.compile; see docs/benchmarks.md) and prints their own JSON line.
 
 Progress goes to stderr; stdout gets exactly one JSON line.
 
