@@ -38,6 +38,11 @@ SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # 
 CHUNK_BYTES = 4 << 20  # the bmm kernel's score tensor per chunk of examples (cache-sized; measured best ~2-5 MB)
 
 
+def _causal_mask(t: int, device: torch.device) -> torch.Tensor:
+    """[t, t], True above the diagonal: the future positions a query must not see."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu_(1)
+
+
 def _probs(qs: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
     """softmax(qs kᵀ + causal mask) for qs [b, Hkv, g*T, D] (scaled queries, grouped by KV head), k [b, Hkv, T, D]."""
     b, hkv, gt, _ = qs.shape
@@ -61,7 +66,7 @@ class CausalBmmAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = hq // hkv
         qs = (q * scale).reshape(bsz, hkv, g * t, d)
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+        mask = _causal_mask(t, q.device)
         chunk = max(1, CHUNK_BYTES // (hq * t * t * q.element_size()))
         out = torch.empty(bsz, hkv, g * t, v.shape[-1], dtype=q.dtype, device=q.device)
         for i in range(0, bsz, chunk):
@@ -75,7 +80,7 @@ class CausalBmmAttention(torch.autograd.Function):
         qs, k, v = ctx.saved_tensors
         bsz, hkv, gt, d = qs.shape
         t, g, chunk = k.shape[2], ctx.groups, ctx.chunk
-        mask = torch.ones(t, t, dtype=torch.bool, device=qs.device).triu_(1)
+        mask = _causal_mask(t, qs.device)
         go = grad_out.reshape(bsz, hkv, gt, v.shape[-1])
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
         for i in range(0, bsz, chunk):

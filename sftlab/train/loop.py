@@ -163,12 +163,11 @@ def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int,
     if t.batching == "packed":
         pool = list(range(n)) + [n + j for j in replay_draw(len(replay or ()), replay_count(n, ratio),
                                                                 t.seed, epoch, -1)]
-        rows = pack_best_fit([lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool],
-                             t.batch_tokens or cfg.data.max_length)
+        length = {j: lengths[j] if j < n else len(replay[j - n].input_ids) for j in pool}
+        rows = pack_best_fit([length[j] for j in pool], t.batch_tokens or cfg.data.max_length)
         rows = [[pool[i] for i in row] for row in rows]
         random.Random(t.seed * 1_000_003 + epoch).shuffle(rows)
-        sizes = [sum(lengths[i] if i < n else len(replay[i - n].input_ids) for i in row) for row in rows]
-        return largest_first(rows, sizes)
+        return largest_first(rows, [sum(length[j] for j in row) for row in rows])
     batches = length_grouped_batches(lengths, batch_tokens=None if t.batch_size else t.batch_tokens,
                                       batch_size=t.batch_size, shuffle=True, seed=t.seed * 1_000_003 + epoch)
     if ratio > 0:
@@ -401,7 +400,6 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
     # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
     fused = t.fused_adamw if t.fused_adamw is not None else all(p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
-    init_adamw_state(optimizer)  # moments allocated before the first forward: the memory peak comes at step 1
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
     module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy)
@@ -434,6 +432,8 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True) -
         initial_eval = state.get("initial_eval")
         if is_main:
             console.print(f"resuming from {ckpts[-1]} (step {step}/{total_steps})")
+    else:  # AdamW's moments allocated before the first forward, so the memory peak comes at step 1
+        init_adamw_state(optimizer)
     if is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
     metrics_file = open(out / "metrics.jsonl", "a") if is_main else None

@@ -68,11 +68,9 @@ def init_adamw_state(optimizer) -> None:
     state, idx = {}, 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            s = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            if group.get("amsgrad"):
-                s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if p.requires_grad:
-                state[idx] = s
+                moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+                state[idx] = {"step": torch.tensor(0.0),
+                              **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in moments}}
             idx += 1
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
