@@ -5,9 +5,9 @@ that starts at 128 KiB) with fresh mmap()s and gives freed memory at the top of 
 of a training step's activations and gradients (MBs each) is new memory whose pages fault in and get zeroed by
 the kernel on first touch. Raising the mmap threshold to its maximum (32 MiB on 64-bit) and switching trimming
 off keeps freed blocks in the process for the next step instead. Trimming matters with batches of varying
-length: after a short step glibc would give back the memory a long step needs again (measured on the benchmark
-machine: an 8 x 512-token step after shorter ones 8.3-9.8 s with a 1 GiB trim threshold, 1.3 GB page-faulted
-in; 6.0 s without trimming, as fast as back-to-back long steps). Peak RSS is not raised (the same blocks are
+length: after a short step glibc would give back the memory a long step needs again (`benchmarks/cpu_kernels.py`:
+an 8 x 512-token step after shorter ones 8.80 s with a 1 GiB trim threshold, 305k pages faulted in again; 6.01 s
+and no faults without trimming). Peak RSS is not raised (the same blocks are
 reused; measured equal). Blocks above 32 MiB (the loss chunk's logits, the embedding's gradient) stay mmaps:
 serving them from the heap too (M_MMAP_MAX 0) saved ~0.1 s a step but raised peak RSS by ~0.7 GB through
 fragmentation. `release_memory` hands the free heap back when training ends. Other C libraries: nothing is
