@@ -64,7 +64,8 @@ from rich.table import Table
 
 from .data.formats import Conversation, Message
 from .data.pipeline import DataOptions, DataReport, iter_conversations
-from .data.stats import atomic_write, record_progress
+from .data.pipeline import record_progress
+from .io import atomic_write
 from .data.template import TemplateError, assistant_header, render_conversation, resolve_template
 from .data.tokenize import IGNORE, Dropped, Example, TokenizeOptions, protected_pattern, tokenize_rendered
 from .data.validate import DataError

@@ -31,6 +31,14 @@ SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip invalid reco
 DedupOpt = Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations")]
 
 
+def flag(section, name: str, *decls: str, **kwargs):
+    """A typer option whose default and help are the config field's own: one definition per option, shared by
+    YAML, `key=value` overrides, CLI flags and the Python API (`--max-new-tokens` for `max_new_tokens`)."""
+    field = section.model_fields[name]
+    default = field.default_factory() if field.default_factory else field.default
+    return typer.Option(default, *(decls or (f"--{name.replace('_', '-')}",)), help=field.description, **kwargs)
+
+
 def data_options(fmt, template, max_length, truncation, loss_on, prompt_loss_weight, strip, task_map, task_field,
                  skip_invalid, dedup):
     from .data.pipeline import DataOptions

@@ -296,7 +296,7 @@ def check(generation: str, rec: dict) -> bool:
 
 def write_demo_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[str, Path]:
     """Write `train.jsonl`, `heldout_instances.jsonl`, `heldout_tasks.jsonl` under `out_dir` (atomically)."""
-    from .data.stats import atomic_write
+    from .io import atomic_write
 
     out_dir = Path(out_dir)
     paths = {}

@@ -15,26 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.formats import Conversation, Message
-from .data.template import (ChatTemplate, Rendered, TemplateError, generation_prompt, render_conversation,
-                            resolve_template)
-from .data.tokenize import _encode_piecewise, protected_pattern
+from .data.template import (ChatTemplate, Rendered, TemplateError, end_of_turn_ids, end_of_turn_text,
+                            generation_prompt, render_conversation, resolve_template)
+from .data.tokenize import encode_piecewise, protected_pattern
 
 Prompt = str | list[dict] | Conversation  # a user message, a message list, or a conversation
-
-
-def end_of_turn_text(tmpl: ChatTemplate) -> str:
-    """The marker the template writes after an assistant's content (ChatML: `<|im_end|>`)."""
-    probe = Conversation([Message("user", "x"), Message("assistant", "y")])
-    rendered = render_conversation(probe, tmpl)
-    region = rendered.assistant_regions()[-1]
-    return rendered.text[region.content_end:region.end]
-
-
-def end_of_turn_ids(tmpl: ChatTemplate, tokenizer) -> list[int]:
-    """Token ids of the end-of-turn marker (falls back to the tokenizer's EOS when the template has none)."""
-    marker = end_of_turn_text(tmpl)
-    ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
-    return ids or [tokenizer.eos_token_id]
 
 
 def as_messages(prompt: Prompt) -> list[dict]:
@@ -61,7 +46,7 @@ def encode_prompt(messages: list[dict], tmpl: ChatTemplate, tokenizer, protected
     # Message text that spells a control token stays plain text, exactly as in sftlab.data.tokenize.
     conv = Conversation([Message(m["role"], m["content"]) for m in messages])
     rendered = render_conversation(conv, tmpl)
-    ids, _ = _encode_piecewise(tokenizer, Rendered(text, rendered.regions))
+    ids, _ = encode_piecewise(tokenizer, Rendered(text, rendered.regions))
     return ids
 
 
@@ -253,7 +238,7 @@ def generate_file(inputs: list[str | Path], model_spec: str, out: Path, data_opt
                                TimeRemainingColumn)
 
     from .data.pipeline import DataOptions, DataReport, iter_conversations, total_records
-    from .data.stats import atomic_write
+    from .io import atomic_write
     from .data.validate import DataError
     from .evaluate.metrics import exact_match
     from .models import load_model, load_tokenizer

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import RunConfig, dump_config
-from .data.stats import atomic_write
+from .io import atomic_write
 
 STAGES = ("audit", "select", "train", "eval", "report")
 COSTLY = ("audit", "train")  # a settings change is an error unless asked for: redoing them discards work

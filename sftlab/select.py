@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .data.stats import atomic_write
+from .io import atomic_write
 
 STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftlab.audit import AuditOptions, Thresholds, example_verdict, run_audit, task_stats, verdict
-from sftlab.data.pipeline import DataOptions
+from sftlab.data.pipeline import DataOptions, iter_examples
 
 T0_FILES = ("ag_news_classify.jsonl", "common_gen_Example_prompt.jsonl")
 SHORT_T0_FILES = ("sciq_Direct_Question_Closed_Book_.jsonl", "cosmos_qa_only_question_answer.jsonl")  # ~40 tokens

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from sftlab.data.pipeline import DataOptions, DataReport, load_examples
+from sftlab.data.pipeline import DataOptions, DataReport, iter_examples
 from sftlab.data.template import BUILTIN_TEMPLATES
 from sftlab.data.tokenize import IGNORE, TokenizeOptions
 from sftlab.data.validate import DataError
@@ -109,7 +109,7 @@ def examples(tmp_path, tokenizer, records, template="default", report=None, **to
     tmpl, _ = template_arg(template, tmp_path)
     path = write_jsonl(tmp_path / "data.jsonl", records)
     opts = DataOptions(template=tmpl, tokenize=TokenizeOptions(**tok))
-    return load_examples([path], tokenizer, opts, report)
+    return list(iter_examples([path], tokenizer, opts, report))
 
 
 def trained_runs(ex):
@@ -229,13 +229,13 @@ def test_strip_removes_trailing_endoftext_only(tmp_path, tokenizer):
             {"prompt": "Nothing?", "completion": "<|endoftext|>"}]
     path = write_jsonl(tmp_path / "t0.jsonl", recs)
     report = DataReport()
-    exs = load_examples([path], tokenizer, DataOptions(strip=("<|endoftext|>",), skip_invalid=True), report)
+    exs = list(iter_examples([path], tokenizer, DataOptions(strip=("<|endoftext|>",), skip_invalid=True), report))
     assert [decode_runs(ex, tokenizer) for ex in exs] == [["Use <|endoftext|> as separator." + EOT],
                                                           ["Business" + EOT]]
     assert report.invalid.counts == {"empty_response": 1}  # nothing left once the artefact is stripped
     assert all(tokenizer.convert_tokens_to_ids("<|endoftext|>") not in ex.input_ids for ex in exs)
     # without --strip the literal stays plain text in the response and is trained as text
-    [_, ex, _] = load_examples([path], tokenizer, DataOptions())
+    [_, ex, _] = list(iter_examples([path], tokenizer, DataOptions()))
     assert decode_runs(ex, tokenizer) == ["Business<|endoftext|><|endoftext|>\n" + EOT]
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") not in ex.input_ids
 

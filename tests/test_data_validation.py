@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sftlab.cli import app
-from sftlab.data.pipeline import DataOptions, DataReport, load_examples
+from sftlab.data.pipeline import DataOptions, DataReport, iter_examples
 from sftlab.data.validate import REASONS, DataError
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
@@ -107,14 +107,14 @@ def options_from_cli(cli: list[str], **kw) -> DataOptions:
 def test_reason_python_api(tmp_path, tokenizer, reason):
     path, loc, cli = write_bad(tmp_path, reason)
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, options_from_cli(cli))
+        list(iter_examples([path], tokenizer, options_from_cli(cli)))
     err = e.value
     assert err.reason == reason
     assert err.where.file == str(path) and f"{err.where}" == f"{path}{loc}"
     assert str(err).startswith(f"{path}{loc}: {REASONS[reason]}")
     # --skip-invalid: the same record is counted under its reason and the good ones are kept
     report = DataReport()
-    kept = load_examples([path], tokenizer, options_from_cli(cli, skip_invalid=True), report)
+    kept = list(iter_examples([path], tokenizer, options_from_cli(cli, skip_invalid=True), report))
     assert dict(report.invalid.counts) == {reason: 1}
     assert report.invalid.examples == [str(err)]
     assert len(kept) == report.kept == report.records - 1
@@ -139,15 +139,15 @@ def test_json_array_errors_name_the_record_index(tmp_path, tokenizer):
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([GOOD, GOOD, {"instruction": "x", "output": ["not", "a", "string"]}]))
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("wrong_type", f"{path}[record 2]")
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:3")
     path.write_text(json.dumps({"instruction": "a", "output": "b"}))
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert e.value.reason == "wrong_type" and "array" in str(e.value)
 
 
@@ -161,22 +161,22 @@ def test_csv_errors_name_the_line(tmp_path, tokenizer):
         w.writerow(["x", "", ""])
         w.writerow(["another\nmulti-line one", "", ""])
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}:5")  # after a 2-line record
     report = DataReport()
-    load_examples([path], tokenizer, DataOptions(skip_invalid=True), report)
+    list(iter_examples([path], tokenizer, DataOptions(skip_invalid=True), report))
     assert report.invalid.examples[1].startswith(f"{path}:6: empty response")  # a record's first line
     path.write_bytes(b"instruction,input,output\nSay hi.,,Hi!\nSay hi.,,H\xe9!\n")
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("non_utf8", f"{path}:3")
     path.write_bytes(b"\xef\xbb\xbfinstruction,input,output\nSay hi.,,Hi!\n")
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("bom", f"{path}:1")
     path.write_bytes(b'messages\n"[{""role"": ""user"", ""content"": ""x""},"\n')
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:2")
 
 
@@ -187,7 +187,7 @@ def test_parquet_errors_name_the_record_index(tmp_path, tokenizer):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([GOOD, {"instruction": "x", "input": "", "output": ""}]), path)
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions())
+        list(iter_examples([path], tokenizer, DataOptions()))
     assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}[record 1]")
 
 
@@ -199,7 +199,7 @@ def test_format_override_missing_field(tmp_path, tokenizer):
         rec = GOOD if field else {"instruction": "x", "input": ""}
         path.write_bytes(line(rec))
         with pytest.raises(DataError) as e:
-            load_examples([path], tokenizer, DataOptions(format=fmt))
+            list(iter_examples([path], tokenizer, DataOptions(format=fmt)))
         assert (e.value.reason, str(e.value.where)) == ("missing_field", f"{path}:1")
         assert repr(field or "output") in str(e.value)
 
@@ -215,11 +215,11 @@ def test_unstable_template_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, sou
     path = tmp_path / "data.jsonl"
     path.write_bytes(line(GOOD_MSGS) + line(MULTI) + line(GOOD_MSGS) + line(MULTI))
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions(template=str(tmpl)))
+        list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl))))
     assert (e.value.reason, str(e.value.where)) == ("template", f"{path}:{first_bad}")
     assert says in str(e.value)
     report = DataReport()
-    examples = load_examples([path], tokenizer, DataOptions(template=str(tmpl), skip_invalid=True), report)
+    examples = list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl), skip_invalid=True), report))
     assert len(examples) == kept and dict(report.invalid.counts) == {"template": 4 - kept}
     for ex in examples:  # the single-turn examples that remain are exact
         trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
@@ -233,7 +233,7 @@ def test_template_that_rewrites_content_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "data.jsonl"
     path.write_bytes(line(GOOD_MSGS))
     with pytest.raises(DataError) as e:
-        load_examples([path], tokenizer, DataOptions(template=str(tmpl)))
+        list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl))))
     assert e.value.reason == "template" and "content does not follow" in str(e.value)
 
 
@@ -254,12 +254,12 @@ def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, runner):
                 "mixed_formats": 1, "unknown_format": 1, "non_utf8": 1, "unknown_role": 1, "no_assistant_turn": 1,
                 "missing_field": 1, "no_trained_tokens": 1, "boundary_merge": 1}
     report = DataReport()
-    kept = load_examples([tmp_path], tokenizer, DataOptions(skip_invalid=True), report)
+    kept = list(iter_examples([tmp_path], tokenizer, DataOptions(skip_invalid=True), report))
     assert dict(report.invalid.counts) == expected
     assert report.records == 17 and report.kept == len(kept) == 4
     assert [e.task for e in kept] == ["a", "a", "b", "b"]
     with pytest.raises(DataError):
-        load_examples([tmp_path], tokenizer, DataOptions())
+        list(iter_examples([tmp_path], tokenizer, DataOptions()))
     out = tmp_path / "out" / "x.jsonl"
     result = runner.invoke(app, ["data", "tokenize", str(a), str(b), "--out", str(out), "--skip-invalid"])
     assert result.exit_code == 0, result.output
@@ -277,10 +277,10 @@ def test_duplicates_reported_and_dropped(tmp_path, tokenizer, runner):
     # the alpaca duplicate differs only in how the record spells it, not in the conversation
     path.write_bytes(line(GOOD) + line(other) + line({"output": "Hi!", "instruction": "Say hi."}) + line(GOOD))
     report = DataReport()
-    kept = load_examples([path], tokenizer, DataOptions(), report)
+    kept = list(iter_examples([path], tokenizer, DataOptions(), report))
     assert len(kept) == 4 and report.duplicates == 2 and report.duplicates_dropped == 0
     report = DataReport()
-    kept = load_examples([path], tokenizer, DataOptions(dedup=True), report)
+    kept = list(iter_examples([path], tokenizer, DataOptions(dedup=True), report))
     assert len(kept) == 2 and report.duplicates == 2 and report.duplicates_dropped == 2
     assert report.first_duplicates == [f"{path}:3", f"{path}:4"]
     assert kept[0].input_ids != kept[1].input_ids

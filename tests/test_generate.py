@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from sftlab.cli import app
 from sftlab.data.formats import Conversation, Message
-from sftlab.data.template import render_conversation, resolve_template
+from sftlab.data.template import end_of_turn_ids, end_of_turn_text, render_conversation, resolve_template
 from sftlab.data.tokenize import IGNORE, TokenizeOptions, protected_pattern, tokenize_rendered
-from sftlab.generate import (Decoding, left_pad, decode_reply, encode_prompt, end_of_turn_ids, end_of_turn_text,
-                             generate, generation_config, split_reference, stop_markers)
+from sftlab.generate import (Decoding, left_pad, decode_reply, encode_prompt, generate,
+                             generation_config, split_reference, stop_markers)
 
 from conftest import make_tiny_llama
 

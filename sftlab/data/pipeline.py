@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import progress
 from .formats import FORMATS, Conversation, detect_format, to_conversation
 from .load import count_records, expand_paths, read_records
 from .template import ChatTemplate, TemplateError, render_conversation, resolve_template
@@ -103,6 +105,14 @@ def total_records(inputs: list[str | Path]) -> int | None:
     return None if any(c is None for c in counts) else sum(counts)
 
 
+@contextmanager
+def record_progress(inputs, console, label: str):
+    """A progress bar over the input records; yields the per-record callback."""
+    with progress(label, console, unit="records") as p:
+        task = p.add_task(label, total=total_records(inputs))
+        yield lambda: p.advance(task)
+
+
 def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: DataReport | None = None,
                        special: Callable[[str], list[str]] | None = None,
                        on_record: Callable[[], None] | None = None) -> Iterator[Conversation]:
@@ -152,6 +162,54 @@ def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: Data
             yield conv
 
 
+def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTemplate, opts: TokenizeOptions,
+                         protected=None, batch_size: int = 256
+                         ) -> Iterator[tuple[Conversation, Example | DataError | Dropped]]:
+    """render -> tokenize+mask, in batches: one result per conversation, in order, a failure in place of its
+    example (a template error becomes a `DataError` naming the record). The one chain every consumer uses:
+    training data, the audit, evaluation items and prompts built in code (few-shot, QA probes)."""
+    protected = protected if protected is not None else protected_pattern(tokenizer)
+    batch: list[Conversation] = []
+
+    def flush():
+        rendered, ok, failed = [], [], {}
+        for k, conv in enumerate(batch):
+            try:
+                rendered.append(render_conversation(conv, tmpl))
+                ok.append(k)
+            except TemplateError as e:
+                failed[k] = DataError(conv.where, "template", str(e)) if conv.where else e
+        results = dict(zip(ok, tokenize_rendered(rendered, [batch[k] for k in ok], tokenizer, opts, protected)))
+        results.update(failed)
+        out = [(conv, results[k]) for k, conv in enumerate(batch)]
+        batch.clear()
+        return out
+
+    for conv in convs:
+        batch.append(conv)
+        if len(batch) >= batch_size:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def keep_examples(results: Iterable[tuple[Conversation, Example | DataError | Dropped]], skip_invalid: bool,
+                  report: DataReport) -> Iterator[tuple[Conversation, Example]]:
+    """The examples of `encode_conversations` that training sees: truncation-policy drops counted per reason,
+    an invalid record raised (or, with `skip_invalid`, counted), kept examples and truncations counted."""
+    for conv, res in results:
+        if isinstance(res, Dropped):
+            report.dropped[res.reason] += 1
+        elif isinstance(res, Exception):
+            if not skip_invalid or not isinstance(res, DataError):
+                raise res
+            report.invalid.add(res)
+        else:
+            report.truncated += res.truncated
+            report.kept += 1
+            yield conv, res
+
+
 def iter_examples(inputs: list[str | Path], tokenizer, opts: DataOptions, report: DataReport | None = None,
                   batch_size: int = 256, on_record: Callable[[], None] | None = None,
                   with_conversation: bool = False) -> Iterator[Example]:
@@ -159,38 +217,7 @@ def iter_examples(inputs: list[str | Path], tokenizer, opts: DataOptions, report
     report = report if report is not None else DataReport()
     tmpl = resolve_template(opts.template, tokenizer)
     protected = protected_pattern(tokenizer)
-
-    def find_special(text: str) -> list[str]:
-        return protected.findall(text)
-
-    batch_r, batch_c = [], []
-
-    def flush():
-        results = tokenize_rendered(batch_r, batch_c, tokenizer, opts.tokenize, protected)
-        for conv, res in zip(batch_c, results):
-            if isinstance(res, DataError):
-                _handle(res, opts, report)
-            elif isinstance(res, Dropped):
-                report.dropped[res.reason] += 1
-            else:
-                report.truncated += res.truncated
-                report.kept += 1
-                yield (res, conv) if with_conversation else res
-        batch_r.clear()
-        batch_c.clear()
-
-    for conv in iter_conversations(inputs, opts, report, find_special, on_record):
-        try:
-            batch_r.append(render_conversation(conv, tmpl))
-            batch_c.append(conv)
-        except TemplateError as e:
-            _handle(DataError(conv.where, "template", str(e)), opts, report)
-            continue
-        if len(batch_r) >= batch_size:
-            yield from flush()
-    if batch_r:
-        yield from flush()
-
-
-def load_examples(inputs, tokenizer, opts: DataOptions, report: DataReport | None = None) -> list[Example]:
-    return list(iter_examples(inputs, tokenizer, opts, report))
+    convs = iter_conversations(inputs, opts, report, protected.findall, on_record)
+    encoded = encode_conversations(convs, tokenizer, tmpl, opts.tokenize, protected, batch_size)
+    for conv, ex in keep_examples(encoded, opts.skip_invalid, report):
+        yield (ex, conv) if with_conversation else ex

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,35 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .pipeline import DataOptions, DataReport, iter_examples, total_records
+from ..io import atomic_write
+from .pipeline import DataOptions, DataReport, iter_examples, record_progress, total_records
 from .tokenize import IGNORE
-
-
-@contextmanager
-def record_progress(inputs, console: Console, label: str):
-    """A rich progress bar over input records; yields the per-record callback."""
-    total = total_records(inputs)
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("records"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda: progress.advance(task)
-
-
-@contextmanager
-def atomic_write(path: Path, mode: str = "w"):
-    """Write to a temporary file beside `path` and rename it into place only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _summary_line(report: DataReport, extra: str = "") -> str:

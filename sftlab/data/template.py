@@ -20,7 +20,7 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .formats import Conversation
+from .formats import Conversation, Message
 
 BUILTIN_TEMPLATES = {
     # ChatML with no default system prompt.
@@ -184,3 +184,18 @@ def assistant_header(tmpl: ChatTemplate) -> str:
     if not with_prompt.startswith(with_user):
         raise TemplateError(f"template {tmpl.name!r}: generation prompt does not extend the conversation")
     return with_prompt[len(with_user):]
+
+
+def end_of_turn_text(tmpl: ChatTemplate) -> str:
+    """The marker the template writes after an assistant's content (ChatML: `<|im_end|>`)."""
+    probe = Conversation([Message("user", "x"), Message("assistant", "y")])
+    rendered = render_conversation(probe, tmpl)
+    region = rendered.assistant_regions()[-1]
+    return rendered.text[region.content_end:region.end]
+
+
+def end_of_turn_ids(tmpl: ChatTemplate, tokenizer) -> list[int]:
+    """Token ids of the end-of-turn marker (falls back to the tokenizer's EOS when the template has none)."""
+    marker = end_of_turn_text(tmpl)
+    ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    return ids or [tokenizer.eos_token_id]

@@ -89,7 +89,7 @@ def _encode_offsets(tokenizer, texts: list[str], split_special: bool = False) ->
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
-def _encode_piecewise(tokenizer, rendered: Rendered) -> tuple[list[int], list[tuple]]:
+def encode_piecewise(tokenizer, rendered: Rendered) -> tuple[list[int], list[tuple]]:
     """Template text with control tokens as usual, message content as plain text."""
     cuts = []
     for r in rendered.regions:
@@ -205,7 +205,7 @@ def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenize
             if any(r.regions[i].content_start is None for i in hits):
                 raise DataError(conv.where, "template", "a message containing control-token text is rewritten by "
                                 "the template, so it cannot be kept as plain text")
-            ids, offs = _encode_piecewise(tokenizer, r)
+            ids, offs = encode_piecewise(tokenizer, r)
             results[k] = build_example(ids, offs, r, opts, conv.where, conv.task)
         except (DataError, Dropped) as e:
             results[k] = e

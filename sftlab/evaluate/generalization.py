@@ -148,7 +148,8 @@ def conversation_record(conv: Conversation) -> dict:
 
 def write_split(inputs: list[str], data_opts: DataOptions, opts: SplitOptions, out_dir: Path, console) -> dict:
     """Read, split and write `train.jsonl`, `heldout-instances.jsonl`, `heldout-tasks.jsonl` and `split.json`."""
-    from ..data.stats import atomic_write, record_progress
+    from ..data.pipeline import record_progress
+    from ..io import atomic_write
 
     report = DataReport()
     with record_progress(inputs, console, "split") as tick:

@@ -133,7 +133,7 @@ def _check_same_vocab(tokenizer, base_spec: str) -> None:
 
 
 def prepare(opts: EvalOptions, tokenizer, tmpl, training_tasks: list[str] | None, console: Console) -> Inputs:
-    from ..data.stats import record_progress
+    from ..data.pipeline import record_progress
 
     report = DataReport()
     items = []
@@ -262,7 +262,7 @@ def side_by_side(inp: Inputs, rows: dict[str, dict], n: int) -> list[dict]:
 
 def evaluate(opts: EvalOptions, console: Console | None = None) -> dict:
     """Run the evaluation, write `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics."""
-    from ..data.stats import atomic_write
+    from ..io import atomic_write
     from ..models import load_model, load_tokenizer
 
     console = console or Console(stderr=True)

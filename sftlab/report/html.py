@@ -360,7 +360,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, console=None, gene
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..data.stats import atomic_write
+    from ..io import atomic_write
 
     console = console or Console(stderr=True)
     if not run_dirs:

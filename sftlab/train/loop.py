@@ -37,8 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import RunConfig, dump_config
 from ..data.packing import collate_packed, collate_padded, largest_first, length_grouped_batches, pack_best_fit
 from ..data.pipeline import DataOptions, DataReport, iter_examples
-from ..data.template import ChatTemplate, resolve_template
-from ..generate import end_of_turn_ids
+from ..data.template import ChatTemplate, end_of_turn_ids, resolve_template
 from ..data.tokenize import Example, TokenizeOptions
 from ..models import load_model, load_tokenizer, resolve_model
 from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
