@@ -42,7 +42,7 @@ def _best(fn, reps: int) -> float:
 def attention_layer(reps: int) -> dict:
     import torch
 
-    import sftlab.attention as attention
+    from sftlab.attention import Kernels, causal_attention
 
     out = {}
     for b, t in ((8, 100), (8, 258), (8, 512), (1, 2048)):
@@ -53,14 +53,11 @@ def attention_layer(reps: int) -> dict:
         times = {"bmm": float("inf"), "flash": float("inf")}
         for _ in range(reps):
             for name, limit in (("bmm", 10**9), ("flash", 0)):
-                attention.BMM_MAX_LEN = limit
-
-                def step():
-                    attention.causal_attention(q, k, v).backward(go)
+                def step(kernels=Kernels(bmm_max_len=limit)):
+                    causal_attention(q, k, v, kernels=kernels).backward(go)
                     q.grad = k.grad = v.grad = None
 
                 times[name] = min(times[name], _best(step, 1))
-        attention.BMM_MAX_LEN = 768
         out[f"{b}x{t}"] = {"bmm_ms": times["bmm"] * 1e3, "flash_ms": times["flash"] * 1e3,
                            "flash_over_bmm": times["flash"] / times["bmm"]}
     return out
@@ -99,10 +96,11 @@ def _fwd_bwd(model, batch) -> None:
 
 
 def model_step(reps: int) -> dict:
-    import sftlab.attention as attention
+    from sftlab.attention import Kernels, register
     from sftlab.train.runtime import tune_malloc
 
     tune_malloc()
+    register("segments_flash", Kernels(bmm_max_len=0))  # `segments` with every block on SDPA's flash path
     model = _load_bf16("segments")
     out = {}
     for width in (120, 256, 512):
@@ -111,10 +109,8 @@ def model_step(reps: int) -> dict:
         times = {"segments": float("inf"), "segments_flash": float("inf"), "sdpa": float("inf")}
         for _ in range(reps):
             for name in times:
-                model.set_attn_implementation("sdpa" if name == "sdpa" else "segments")
-                attention.BMM_MAX_LEN = 0 if name == "segments_flash" else 768
+                model.set_attn_implementation(name)
                 times[name] = min(times[name], _best(lambda: _fwd_bwd(model, batch), 1))
-        attention.BMM_MAX_LEN = 768
         out[f"8x{tuple(batch['input_ids'].shape)[1]}"] = {
             **{f"{k}_s": v for k, v in times.items()}, "sdpa_over_segments": times["sdpa"] / times["segments"],
             "flash_over_bmm": times["segments_flash"] / times["segments"]}

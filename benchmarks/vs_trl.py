@@ -133,7 +133,8 @@ def sftlab_config(spec: dict, variant: str = "full"):
     return RunConfig.model_validate({
         "output_dir": spec.get("run_dir", "runs/vs-trl"),
         "model": {"path": spec["model_dir"], "dtype": "fp32",
-                  "attn_implementation": {"eager_attention": "eager", "sdpa_attention": "sdpa"}.get(variant, "auto")},
+                  "attn_implementation": {"eager_attention": "eager", "sdpa_attention": "sdpa",
+                                          "flash_attention": "segments_flash"}.get(variant, "auto")},
         "data": {"train": [spec["data_file"]], "strip": spec["strip"], "max_length": spec["max_length"],
                  "skip_invalid": True},
         "train": {"max_steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "seed": spec["seed"],
@@ -404,40 +405,38 @@ def child_sftlab(spec: dict) -> dict:
     _threads(spec)
     from rich.console import Console
 
-    import sftlab.train.loop as loop
+    from sftlab.train.loop import train
+    from sftlab.train.loss import sft_loss_sum
+    from sftlab.train.plan import epoch_batches
 
     variant = spec.get("variant", "full")
     cfg = sftlab_config(spec, variant)
     used = {"plan": 0, "loss": 0}
+    planner, loss = epoch_batches, sft_loss_sum
     if variant == "random_batches":
         # emulation (see docs/benchmarks.md): the loop's batch planner returns the random-order plan
         plan = spec["plan"]
 
-        def planned_batches(examples, cfg, epoch, *rest):
+        def planner(examples, cfg, epoch, *rest):
             used["plan"] += 1
             return [list(b) for b in plan]
-
-        loop.epoch_batches = planned_batches
     if variant == "full_logits_ce":
-        def counted_loss(model, batch, chunk_size=1024):
+        def loss(model, batch, chunk_size=1024):
             used["loss"] += 1
             return full_logits_loss_sum(model, batch, chunk_size)
-
-        loop.sft_loss_sum = counted_loss
     if variant == "flash_attention":
-        # emulation: sftlab's `segments` attention with its bmm kernel off (every block on SDPA's flash path)
-        import sftlab.attention as attention
-
-        real = attention.causal_attention
+        # emulation: sftlab's `segments` attention with its bmm kernel off (every block on SDPA's flash path),
+        # registered with transformers under its own name
+        from sftlab.attention import Kernels, segments_attention
+        from transformers import AttentionInterface
 
         def counted(*a, **k):
             used["attn"] = used.get("attn", 0) + 1
-            return real(*a, **k)
+            return segments_attention(*a, kernels=Kernels(bmm_max_len=0), **k)
 
-        attention.BMM_MAX_LEN = 0
-        attention.causal_attention = counted
+        AttentionInterface.register("segments_flash", counted)  # sftlab_config names it for this variant
     t0 = time.perf_counter()
-    loop.train(cfg, console=Console(stderr=True, quiet=True), resume=False)
+    train(cfg, console=Console(stderr=True, quiet=True), resume=False, planner=planner, loss=loss)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in open(Path(cfg.output_dir) / "metrics.jsonl") if '"loss"' in line]
     steps = []

@@ -44,7 +44,7 @@ def write_split(task: str, files: list[Path], n_train: int, n_eval: int, seed: i
 
 def train_task(task: str, train_file: Path, eval_file: Path, args, console: Console) -> dict:
     s = train_run(args.out / "train" / task, [
-        f"model.path={args.model}", f"data.train=[{train_file}]", f"data.eval=[{eval_file}]",
+        f"model.path={args.model}", f"data.train=[{train_file}]", f"data.validation=[{eval_file}]",
         f"data.max_length={args.max_length}", f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
         f"train.lr={args.lr}", "train.warmup_ratio=0", "train.scheduler=constant", "train.precision=bf16",
         f"train.seed={args.seed}"], console, keep_model=False)

@@ -10,7 +10,7 @@ attention, so no mask is needed:
 - packed rows: causal attention within each segment (a run of positions starting at 0), segment by segment.
   The work is Σ nᵢ² over the row's examples instead of the row length squared, and examples never see each other.
 
-Each causal block goes to `causal_attention`: on CPU, for blocks of at most `BMM_MAX_LEN` tokens, a bmm kernel
+Each causal block goes to `causal_attention`: on CPU, for blocks of at most `Kernels.bmm_max_len` tokens, a bmm kernel
 (`CausalBmmAttention`: two batched matmuls forward, recomputation plus four backward, softmax and its backward as
 single fused ops, examples processed in cache-sized chunks); otherwise `scaled_dot_product_attention(...,
 is_causal=True)` without a mask (the flash kernel's causal path). PyTorch's CPU flash kernel has a large fixed cost
@@ -29,13 +29,25 @@ the same as transformers' `eager` attention in bf16); in fp32 it agrees with SDP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 NAME = "segments"
-BMM_MAX_LEN = 768  # CPU blocks up to this length take the bmm kernel (measured crossover between 512 and 1024)
-SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa: no K/V repeat
-CHUNK_BYTES = 4 << 20  # the bmm kernel's score tensor per chunk of examples (cache-sized; measured best ~2-5 MB)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which kernel a causal block takes. The defaults are sftlab's; a benchmark registers other settings under
+    another name (`register("segments_flash", Kernels(bmm_max_len=0))`)."""
+    bmm_max_len: int = 768  # CPU blocks up to this length take the bmm kernel (crossover between 512 and 1024)
+    chunk_bytes: int = 4 << 20  # the bmm kernel's score tensor per chunk of examples (cache-sized)
+    sdpa_gqa: bool = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa: no K/V repeat
+
+
+DEFAULT_KERNELS = Kernels()
 
 
 def _causal_mask(t: int, device: torch.device) -> torch.Tensor:
@@ -57,17 +69,17 @@ class CausalBmmAttention(torch.autograd.Function):
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] with Hq a multiple of Hkv (grouped-query attention without repeating
     K/V: the g query heads of one KV head are stacked as g*T rows). Examples are processed in chunks whose score
-    tensor stays near `CHUNK_BYTES`.
+    tensor stays near `chunk_bytes`.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float):
+    def forward(ctx, q, k, v, scale: float, chunk_bytes: int = DEFAULT_KERNELS.chunk_bytes):
         bsz, hq, t, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
         qs = (q * scale).reshape(bsz, hkv, g * t, d)
         mask = _causal_mask(t, q.device)
-        chunk = max(1, CHUNK_BYTES // (hq * t * t * q.element_size()))
+        chunk = max(1, chunk_bytes // (hq * t * t * q.element_size()))
         out = torch.empty(bsz, hkv, g * t, v.shape[-1], dtype=q.dtype, device=q.device)
         for i in range(0, bsz, chunk):
             torch.matmul(_probs(qs[i:i + chunk], k[i:i + chunk], mask, g), v[i:i + chunk], out=out[i:i + chunk])
@@ -93,18 +105,22 @@ class CausalBmmAttention(torch.autograd.Function):
             torch.matmul(ds, k[sl], out=dq[sl])
             torch.matmul(ds.transpose(-1, -2), qs[sl], out=dk[sl])
         dq.mul_(ctx.scale)
-        return dq.view(bsz, hkv * g, t, d), dk, dv, None
+        return dq.view(bsz, hkv * g, t, d), dk, dv, None, None
+
+
+def kernel_for(query: torch.Tensor, dropout: float, kernels: Kernels = DEFAULT_KERNELS) -> str:
+    """"bmm" for CPU blocks of at most `kernels.bmm_max_len` tokens without dropout, else "sdpa"."""
+    return "bmm" if query.device.type == "cpu" and query.shape[2] <= kernels.bmm_max_len and dropout == 0.0 else "sdpa"
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
-                     dropout: float = 0.0) -> torch.Tensor:
+                     dropout: float = 0.0, kernels: Kernels = DEFAULT_KERNELS) -> torch.Tensor:
     """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys/values (no mask): [B, Hq, T, D].
 
-    CPU blocks of at most `BMM_MAX_LEN` tokens without dropout take `CausalBmmAttention`; everything else SDPA's
-    causal path (flash on CPU and CUDA).
+    `kernel_for` chooses: `CausalBmmAttention`, or SDPA's causal path (flash on CPU and CUDA).
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    if query.device.type == "cpu" and query.shape[2] <= BMM_MAX_LEN and dropout == 0.0:
+    if kernel_for(query, dropout, kernels) == "bmm":
         # one dtype for all three: under autocast its dtype (as SDPA would run), else their promotion (rotary
         # embeddings in fp32 can leave q and k in fp32 beside a bf16 v)
         if torch.is_autocast_enabled("cpu"):
@@ -112,10 +128,10 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         else:
             dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
         with torch.autocast("cpu", enabled=False):
-            return CausalBmmAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), scale)
+            return CausalBmmAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), scale, kernels.chunk_bytes)
     gqa = {}
     if key.shape[1] != query.shape[1]:  # grouped-query attention
-        if SDPA_GQA:
+        if kernels.sdpa_gqa:
             gqa = {"enable_gqa": True}
         else:
             rep = query.shape[1] // key.shape[1]
@@ -137,7 +153,8 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
 
 def segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                       position_ids: torch.Tensor | None = None, kernels: Kernels = DEFAULT_KERNELS,
+                       **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None), transformers' attention contract."""
     if attention_mask is not None:
         raise ValueError("segments attention takes no mask (it reads position_ids); use attn_implementation sdpa")
@@ -155,21 +172,23 @@ def segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if bool((position_ids[:, 1:] == 0).any()):  # a packed row: several segments
         bounds = segment_bounds(position_ids)
     if bounds is None:
-        out = causal_attention(query, key, value, scaling, p)
+        out = causal_attention(query, key, value, scaling, p, kernels)
     else:
         rows = []
         for b, starts in enumerate(bounds):
             parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                      scaling, p)
+                                      scaling, p, kernels)
                      for s, e in zip(starts, starts[1:])]
             rows.append(torch.cat(parts, dim=2))
         out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
-    """Make `attn_implementation="segments"` known to transformers; returns the name."""
+def register(name: str = NAME, kernels: Kernels = DEFAULT_KERNELS) -> str:
+    """Make `attn_implementation=name` (default "segments") known to transformers, with these kernel settings;
+    returns the name."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, segments_attention)
-    return NAME
+    fn = segments_attention if kernels == DEFAULT_KERNELS else partial(segments_attention, kernels=kernels)
+    AttentionInterface.register(name, fn)
+    return name

@@ -39,8 +39,10 @@ class LoraConfig(Strict):
 
 class DataConfig(Strict):
     train: list[str] = Field(default_factory=list, description="Training data: files, directories, globs, saved datasets")
-    eval: list[str] = Field(default_factory=list, description="Validation data (if empty, eval_fraction of train)")
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out for validation when eval is empty")
+    validation: list[str] = Field(default_factory=list, description="Validation-loss data (if empty, "
+                                  "validation_fraction of train)")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out for the validation "
+                                       "loss when validation is empty")
     format: str | None = Field(None, description="alpaca | prompt_completion | messages | sharegpt (None: detect)")
     template: str = Field("default", description="'default' (tokenizer's), chatml, alpaca, or a .jinja path")
     task_map: str | None = Field(None, description="JSON map file stem -> task")
@@ -52,6 +54,12 @@ class DataConfig(Strict):
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Loss weight of non-response tokens")
     skip_invalid: bool = Field(False, description="Skip invalid records (counted) instead of failing")
     dedup: bool = Field(False, description="Drop exact duplicate conversations")
+
+    @model_validator(mode="after")
+    def _task_source(self):
+        if self.task_map and self.task_field:
+            raise ValueError("give either task_map or task_field, not both (the task label comes from one)")
+        return self
 
 
 class ReplayConfig(Strict):
@@ -74,11 +82,13 @@ class ReplayConfig(Strict):
 
 class TrainConfig(Strict):
     epochs: float = Field(1, gt=0, description="Passes over the training data (fractions allowed)")
-    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides epochs)")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs)")
     batching: Literal["length_grouped", "packed"] = Field(
         "length_grouped", description="Padded length-grouped micro-batches, or best-fit packed rows")
-    batch_tokens: int | None = Field(4096, description="Tokens per micro-batch (padded size or packed row length)")
-    batch_size: int | None = Field(None, description="Examples per micro-batch (instead of batch_tokens)")
+    batch_tokens: int | None = Field(4096, ge=1, description="Tokens per micro-batch (padded size or packed row "
+                                     "length; packed and None: data.max_length)")
+    batch_size: int | None = Field(None, ge=1, description="Examples per micro-batch, instead of batch_tokens "
+                                   "(length_grouped only)")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per process per optimizer step")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -92,9 +102,10 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward")
     loss_chunk_size: int = Field(1024, ge=1, description="Trained positions per chunk of the LM-head loss")
     seed: int = Field(0, description="Seed for data order, init and dropout")
-    eval_every: int | None = Field(None, description="Validation every N steps (None: at the end only)")
-    early_stopping_patience: int | None = Field(None, description="Stop after N evals without improvement")
-    save_every: int | None = Field(None, description="Checkpoint every N steps (None: at the end only)")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (None: at the end only)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N validations without "
+                                                "improvement (needs eval_every)")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (None: at the end only)")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept")
     log_every: int = Field(1, ge=1, description="Write metrics every N steps")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package)")
@@ -107,6 +118,28 @@ class TrainConfig(Strict):
                                         "0.1, format, task, limit} (None: off)")
     kl_to_base: float = Field(0.0, ge=0, description="λ of λ·KL(p_tuned || p_base) per trained token (0: off)")
     l2_to_base: float = Field(0.0, ge=0, description="λ of the L2-SP penalty λ·||θ-θ0||² on trainable params (0: off)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_size_replaces_batch_tokens(cls, data):
+        """batch_size and batch_tokens size a micro-batch two ways: giving batch_size switches batch_tokens off;
+        giving both is an error (the default batch_tokens applies only when batch_size is not given)."""
+        if isinstance(data, dict) and data.get("batch_size") is not None:
+            if data.get("batch_tokens") is not None:
+                raise ValueError("give either train.batch_size or train.batch_tokens, not both")
+            data = {**data, "batch_tokens": None}
+        return data
+
+    @model_validator(mode="after")
+    def _interactions(self):
+        if self.batching == "packed" and self.batch_size is not None:
+            raise ValueError("train.batching=packed sizes its rows by train.batch_tokens; train.batch_size is for "
+                             "length_grouped batching")
+        if self.batching == "length_grouped" and self.batch_size is None and self.batch_tokens is None:
+            raise ValueError("length_grouped batching needs train.batch_tokens or train.batch_size")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every (validations to compare)")
+        return self
 
 
 # ---- sftlab run: the stages around training (`sftlab train` ignores these sections) ----------------------------
@@ -188,6 +221,10 @@ class ConfigError(ValueError):
     pass
 
 
+# keys that were renamed: the old name is an error that names the new one
+RENAMED = {"data.eval": "data.validation", "data.eval_fraction": "data.validation_fraction"}
+
+
 def _sub_model(annotation) -> tuple[type[BaseModel] | None, bool]:
     """The config section behind a field's type (`Section` or `Section | None`), and whether it is optional."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -252,6 +289,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the config must be a mapping of sections")
     for k, v in parse_overrides(overrides or []):
         set_dotted(tree, k, v)
+    renamed = [f"'{old}' was renamed to '{new}'" for old, new in RENAMED.items() if _has_key(tree, old)]
+    if renamed:
+        raise ConfigError((f"{path}: " if path else "") + "; ".join(renamed))
     try:
         return schema.model_validate(tree)
     except ValidationError as e:
@@ -264,6 +304,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 lines.append(f"{key}: {err['msg']}")
         where = f"{path}: " if path else ""
         raise ConfigError(where + "; ".join(lines)) from None
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def config_help(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -30,7 +30,7 @@ def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[st
     j = json.dumps  # JSON is YAML: paths with spaces or colons stay one string
     return load_config(None, [
         f"output_dir={j(str(out))}", f"model.path={j(model)}", f"data.train={j([str(data['train'])])}",
-        f"data.eval={j([str(data['heldout_instances'])])}", "data.task_field=task", "data.max_length=256",
+        f"data.validation={j([str(data['heldout_instances'])])}", "data.task_field=task", "data.max_length=256",
         "train.epochs=1", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
         "train.precision=bf16-master", "train.save_every=8", "train.eval_every=8",
         "audit.limit_per_task=8", "audit.dtype=bf16",  # cheap: NLLs of 8 examples per family, no generation

@@ -114,6 +114,15 @@ def load_tokenizer(spec: str | os.PathLike):
     return tok
 
 
+def resolve_attention(name: str | None, device_type: str, training: bool) -> str | None:
+    """`model.attn_implementation`, with `auto` resolved (the one place it is): training on CPU uses `segments`
+    (causal attention per example, sftlab/attention.py: no mask, Σnᵢ² work for packed rows; docs/benchmarks.md),
+    everything else transformers' `sdpa` (generation and left-padded scoring need a mask)."""
+    if name != "auto":
+        return name
+    return "segments" if training and device_type == "cpu" else "sdpa"
+
+
 def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation: str | None = None,
                trust_remote_code: bool = False):
     """Load a causal LM for training or evaluation; a peft adapter directory loads onto its base."""
@@ -123,8 +132,7 @@ def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     path = resolve_model(spec)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if attn_implementation == "auto":
-        attn_implementation = "sdpa"
+    attn_implementation = resolve_attention(attn_implementation, "cpu", training=False)
     if attn_implementation == "segments":
         from .attention import register
 

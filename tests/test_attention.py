@@ -95,7 +95,7 @@ def test_bmm_attention_equals_sdpa_in_fp32(hq, hkv):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_bmm_attention_bf16_error_is_bounded_and_chunking_changes_nothing(monkeypatch):
+def test_bmm_attention_bf16_error_is_bounded_and_chunking_changes_nothing():
     """bf16: outputs and gradients within 2e-2 (relative norm) of an fp64 reference; the chunk size (examples per
     batched matmul) does not change any value."""
     import sftlab.attention as attention
@@ -103,35 +103,29 @@ def test_bmm_attention_bf16_error_is_bounded_and_chunking_changes_nothing(monkey
     q, k, v = _qkv(4, 50, 6, 2, 32, torch.bfloat16, seed=2)
     go = torch.randn(4, 6, 50, 32, generator=torch.Generator().manual_seed(3))
 
-    def bmm(a, b, c):
-        return attention.CausalBmmAttention.apply(a, b, c, 32 ** -0.5)
+    def bmm(a, b, c, chunk_bytes=attention.DEFAULT_KERNELS.chunk_bytes):
+        return attention.CausalBmmAttention.apply(a, b, c, 32 ** -0.5, chunk_bytes)
 
     ref = _attn_grads(_sdpa_reference, q.double(), k.double(), v.double(), go.double())
     whole = _attn_grads(bmm, q, k, v, go)
     for name, a, b in zip(("out", "dq", "dk", "dv"), whole, ref):
         assert float((a.detach().double() - b.detach()).norm() / b.detach().norm()) < 2e-2, name
-    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # one example per chunk
-    chunked = _attn_grads(bmm, q, k, v, go)
+    chunked = _attn_grads(lambda a, b, c: bmm(a, b, c, chunk_bytes=1), q, k, v, go)  # one example per chunk
     for name, a, b in zip(("out", "dq", "dk", "dv"), chunked, whole):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
-def test_causal_attention_dispatch(monkeypatch):
-    """CPU blocks up to BMM_MAX_LEN take the bmm kernel, longer ones (or with dropout) SDPA; both are causal."""
-    import sftlab.attention as attention
+def test_causal_attention_dispatch():
+    """CPU blocks up to bmm_max_len take the bmm kernel, longer ones (or with dropout) SDPA; every path is causal
+    attention (SDPA with enable_gqa or with K/V repeated)."""
+    from sftlab.attention import DEFAULT_KERNELS, Kernels, causal_attention, kernel_for
 
-    calls = []
-    real = attention.CausalBmmAttention.apply
-    monkeypatch.setattr(attention.CausalBmmAttention, "apply", lambda *a: calls.append(1) or real(*a))
     q, k, v = _qkv(2, 20, 4, 2, 8, torch.float32)
     ref = _sdpa_reference(q, k, v)
-    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
-    assert calls == [1]
-    monkeypatch.setattr(attention, "BMM_MAX_LEN", 19)
-    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
-    assert calls == [1]  # 20 tokens > 19: SDPA
-    monkeypatch.setattr(attention, "SDPA_GQA", not attention.SDPA_GQA)  # K/V repeated, or SDPA's enable_gqa
-    torch.testing.assert_close(attention.causal_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    short = Kernels(bmm_max_len=19)
+    assert kernel_for(q, 0.0) == "bmm" and kernel_for(q, 0.1) == "sdpa" and kernel_for(q, 0.0, short) == "sdpa"
+    for kernels in (DEFAULT_KERNELS, short, Kernels(bmm_max_len=19, sdpa_gqa=not DEFAULT_KERNELS.sdpa_gqa)):
+        torch.testing.assert_close(causal_attention(q, k, v, kernels=kernels), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_segments_under_bf16_autocast_matches_sdpa():

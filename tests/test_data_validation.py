@@ -82,11 +82,7 @@ def test_every_reason_has_a_malformed_file():
 
 
 @pytest.fixture
-def runner(monkeypatch, tokenizer):
-    """CLI runner; --model default resolves to the already loaded tokenizer (saves ~1 s per invocation)."""
-    import sftlab.models
-
-    monkeypatch.setattr(sftlab.models, "load_tokenizer", lambda spec: tokenizer)
+def runner():
     return CliRunner()
 
 

@@ -16,8 +16,10 @@ from sftlab.config import ConfigError, load_config
 from sftlab.data.packing import collate_padded
 from sftlab.data.tokenize import Example
 from sftlab.models import load_model, load_tokenizer
-from sftlab.train.loop import (MicroBatchStream, SFTLossModule, add_l2_grad, epoch_batches, frozen_copy, l2_anchor,
-                               prepare_data, prepare_replay, replay_count, train)
+from sftlab.train.loop import data_options, prepare_data, train
+from sftlab.train.mitigations import add_l2_grad, frozen_copy, l2_anchor, needs_base_copy, prepare_replay
+from sftlab.train.objective import SFTLossModule
+from sftlab.train.plan import MicroBatchStream, epoch_batches, replay_count
 
 from conftest import make_tiny_llama
 from test_train import final_weights, make_cfg, write_data
@@ -145,15 +147,12 @@ def test_kl_penalty_keeps_the_tuned_model_closer_to_base():
     assert kl_to_base[1.0] < 0.5 * kl_to_base[0.0], kl_to_base
 
 
-def test_lora_training_with_kl_and_l2_makes_no_base_copy(tmp_path, tiny_model_dir, monkeypatch):
-    import sftlab.train.loop as loop
-
-    def no_copy(model):
-        raise AssertionError("LoRA must use disable_adapter(), not a copy of the base model")
-
-    monkeypatch.setattr(loop, "frozen_copy", no_copy)
-    train(make_cfg(tmp_path, tiny_model_dir, "lora", "lora.enabled=true", "lora.r=4", "train.batch_size=8",
-                   "train.max_steps=2", "train.lr=1e-2", "train.kl_to_base=0.1", "train.l2_to_base=0.1"))
+def test_lora_training_with_kl_and_l2_makes_no_base_copy(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "lora", "lora.enabled=true", "lora.r=4", "train.batch_size=8",
+                   "train.max_steps=2", "train.lr=1e-2", "train.kl_to_base=0.1", "train.l2_to_base=0.1")
+    assert not needs_base_copy(cfg)  # LoRA uses disable_adapter(), not a copy of the base model
+    assert needs_base_copy(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"enabled": False})}))
+    train(cfg)
     rows = [json.loads(x) for x in open(tmp_path / "lora" / "metrics.jsonl") if '"loss"' in x]
     assert rows[0]["kl"] == 0.0 and rows[0]["l2"] == 0.0  # B = 0 at init: the adapter changes nothing yet
     assert rows[1]["kl"] > 0 and rows[1]["l2"] > 0
@@ -164,7 +163,7 @@ def test_lora_training_with_kl_and_l2_makes_no_base_copy(tmp_path, tiny_model_di
 def test_l2_gradient_equals_autograd_of_penalty():
     model = make_tiny_llama(vocab_size=V)
     module = SFTLossModule(model, chunk_size=8)
-    anchor = l2_anchor(module)
+    anchor = l2_anchor(module.model, module.base_model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(anchor) == sorted(names)
     g = torch.Generator().manual_seed(0)
@@ -187,12 +186,12 @@ def test_l2_anchor_of_lora_is_the_adapter_init_and_of_full_ft_the_base_copy():
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(make_tiny_llama(vocab_size=V), LoraConfig(r=4, target_modules=["q_proj"]))
-    anchor = l2_anchor(SFTLossModule(peft_model, 8))
+    anchor = l2_anchor(peft_model)
     assert anchor and all("lora_" in n for n in anchor)
     assert all(float(t.abs().sum()) == 0 for n, t in anchor.items() if "lora_B" in n)  # ΔW = 0 at the anchor
     model = make_tiny_llama(vocab_size=V)
     base = frozen_copy(model)
-    anchor = l2_anchor(SFTLossModule(model, 8, kl=True, base_model=base))
+    anchor = l2_anchor(model, base)
     assert all(anchor[n].data_ptr() == p.data_ptr() for n, p in base.named_parameters())  # no second copy
 
 
@@ -279,7 +278,7 @@ def test_replay_loss_counts_replay_tokens_and_summary(tmp_path, tiny_model_dir):
     train(cfg)
     tok = load_tokenizer(str(tiny_model_dir))
     task_ex, _, _ = prepare_data(cfg, tok)
-    replay_ex, _ = prepare_replay(cfg, tok)
+    replay_ex, _ = prepare_replay(cfg, tok, data_options(cfg))
     assert {ex.task for ex in replay_ex} == {"replay"}
     stream = MicroBatchStream(task_ex, cfg, per_step=2, replay=replay_ex)
     pool = task_ex + replay_ex
@@ -305,16 +304,16 @@ def test_replay_loss_counts_replay_tokens_and_summary(tmp_path, tiny_model_dir):
     assert 0 < rep["token_share"] < 1 and summary["mitigations"]["replay_ratio"] == 0.25
 
 
-@pytest.mark.parametrize("batching", ["train.batch_size=4", "train.batching=packed"])
+@pytest.mark.parametrize("batching", [["train.batch_size=4"], ["train.batching=packed", "train.batch_tokens=384"]])
 def test_resume_with_all_mitigations_is_bit_exact(tmp_path, tiny_model_dir, batching):
     """4 steps straight == 2 steps, then resume for 2 more (crossing an epoch boundary), replay + KL + L2 on."""
     write_data(tmp_path / "train.jsonl", n=12)
     general = write_data(tmp_path / "general.jsonl", n=8, seed=9)
-    common = [batching, "train.batch_tokens=384", "train.scheduler=constant", f"train.replay.data=[{general}]",
+    common = [*batching, "train.scheduler=constant", f"train.replay.data=[{general}]",
               "train.replay.ratio=0.3", "train.kl_to_base=0.5", "train.l2_to_base=1.0"]
     cfg = make_cfg(tmp_path, tiny_model_dir, "straight", *common, "train.max_steps=4")
     tok = load_tokenizer(str(tiny_model_dir))
-    assert MicroBatchStream(prepare_data(cfg, tok)[0], cfg, 1, replay=prepare_replay(cfg, tok)[0]).per_epoch < 4
+    assert MicroBatchStream(prepare_data(cfg, tok)[0], cfg, 1, replay=prepare_replay(cfg, tok, data_options(cfg))[0]).per_epoch < 4
     train(cfg)
     train(make_cfg(tmp_path, tiny_model_dir, "resumed", *common, "train.max_steps=2"))
     res = train(make_cfg(tmp_path, tiny_model_dir, "resumed", *common, "train.max_steps=4"))

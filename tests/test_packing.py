@@ -99,7 +99,7 @@ def test_length_grouped_batches_properties():
 def test_epoch_batches_largest_first_both_batchings(tmp_path):
     from sftlab.config import load_config
     from sftlab.data.tokenize import Example
-    from sftlab.train.loop import epoch_batches
+    from sftlab.train.plan import epoch_batches
 
     rng = random.Random(1)
     examples = [Example(list(range(n)), [-100] * n) for n in (rng.randint(5, 120) for _ in range(200))]

@@ -71,7 +71,7 @@ def test_master_weights_resume_is_bit_exact_with_mitigations(tmp_path, tiny_mode
 def test_master_weights_with_lora(tmp_path, tiny_model_dir):
     res = train(make_cfg(tmp_path, tiny_model_dir, "lora", "train.precision=bf16-master", "lora.enabled=true",
                          "lora.r=4", "train.max_steps=6", "train.batch_size=8", "train.lr=1e-2",
-                         "train.kl_to_base=0.1", f"data.eval=[{tmp_path / 'train.jsonl'}]"))
+                         "train.kl_to_base=0.1", f"data.validation=[{tmp_path / 'train.jsonl'}]"))
     rows = _rows(tmp_path / "lora")
     # the loss on the same examples (the training data as validation set) drops: the adapter learned
     assert res.eval_loss < json.loads((tmp_path / "lora" / "summary.json").read_text())["initial_eval_loss"]

@@ -77,7 +77,7 @@ def test_loss_drops_and_output_loads_with_plain_transformers(tmp_path, tiny_mode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     res = train(make_cfg(tmp_path, tiny_model_dir, "run", "train.epochs=4", "train.batch_size=8",
-                         "data.eval_fraction=0.2", "train.eval_every=5"))
+                         "data.validation_fraction=0.2", "train.eval_every=5"))
     ls = losses(tmp_path / "run")
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
@@ -124,47 +124,54 @@ def test_kill9_then_resume_is_bit_exact(tmp_path, tiny_model_dir):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = make_cfg(tmp_path, tiny_model_dir, "run", "train.batch_size=8", "train.max_steps=4", "train.save_every=2")
-    real_save = ckpt_mod.save_file
+def _loss_failing_at(call: int, make_failure):
+    """The training loss, except that its `call`-th call (1-based) returns or raises `make_failure(s, w)`."""
+    from sftlab.train.loss import sft_loss_sum
+
     calls = {"n": 0}
 
-    def crashing_save(tensors, path):
+    def loss(model, batch, chunk_size=1024):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write half a file, then die
-            Path(path).write_bytes(b"partial")
-            raise KeyboardInterrupt("simulated kill during checkpoint write")
-        return real_save(tensors, path)
+        s, w = sft_loss_sum(model, batch, chunk_size=chunk_size)
+        return make_failure(s, w) if calls["n"] == call else (s, w)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", crashing_save)
+    return loss
+
+
+class _DiesWhileRead(dict):
+    """Trainable parameters whose reading stops half-way, as a process killed while writing a checkpoint."""
+
+    def items(self):
+        yield from list(super().items())[:1]
+        raise KeyboardInterrupt("simulated kill during checkpoint write")
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "run", "train.batch_size=8", "train.max_steps=4", "train.save_every=2")
+
+    def killed(s, w):
+        raise KeyboardInterrupt("simulated kill at step 3")
+
     with pytest.raises(KeyboardInterrupt):
-        train(cfg)
+        train(cfg, loss=_loss_failing_at(3, killed))
     kept = ckpt_mod.list_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["step-00000002"]
+    params = load_file(str(kept[0] / "trainable.safetensors"))
+    with pytest.raises(KeyboardInterrupt):  # the next checkpoint's write dies half-way
+        ckpt_mod.save_checkpoint(tmp_path / "run", 4, _DiesWhileRead(params), None, None, {"step": 4}, keep_last=2)
+    assert [p.name for p in ckpt_mod.list_checkpoints(tmp_path / "run")] == ["step-00000002"]
     assert any(p.name.endswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
     state = load_file(str(kept[0] / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
-    monkeypatch.setattr(ckpt_mod, "save_file", real_save)
     res = train(cfg)  # resumes from step 2, cleans the partial directory
     assert res.steps == 4
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import sftlab.train.loop as loop
-
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, "run", "train.batch_size=8", "train.max_steps=6", "train.save_every=2")
-    real = loop.sft_loss_sum
-    calls = {"n": 0}
-
-    def poisoned(model, batch, chunk_size=1024):
-        calls["n"] += 1
-        s, w = real(model, batch, chunk_size=chunk_size)
-        return (s * float("nan"), w) if calls["n"] == 3 else (s, w)
-
-    monkeypatch.setattr(loop, "sft_loss_sum", poisoned)
     with pytest.raises(TrainingDiverged, match="step 3: loss is nan"):
-        train(cfg)
+        train(cfg, loss=_loss_failing_at(3, lambda s, w: (s * float("nan"), w)))
     kept = ckpt_mod.list_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["step-00000002"]
     assert not (tmp_path / "run" / "model").exists()

@@ -39,6 +39,14 @@ class DataOptions:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         self.strip = tuple(self.strip)
 
+    @classmethod
+    def from_config(cls, d) -> "DataOptions":
+        """The options of a `config.DataConfig` section (`data:` of a YAML config)."""
+        return cls(format=d.format, task_field=d.task_field, task_map=d.task_map, strip=tuple(d.strip),
+                   template=d.template, skip_invalid=d.skip_invalid, dedup=d.dedup,
+                   tokenize=TokenizeOptions(max_length=d.max_length, truncation=d.truncation, loss_on=d.loss_on,
+                                            prompt_loss_weight=d.prompt_loss_weight))
+
 
 @dataclass
 class DataReport:

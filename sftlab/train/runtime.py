@@ -74,3 +74,12 @@ def init_adamw_state(optimizer) -> None:
                               **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in moments}}
             idx += 1
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so a second `train()` in one process may use another precision
+    (accelerate keeps the first Accelerator's otherwise). One process only: under a launcher the state is the
+    launcher's."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()

@@ -1,0 +1,82 @@
+"""What a training run leaves in its output directory besides checkpoints: metrics.jsonl (and TensorBoard),
+summary.json and the final HF-format model or adapter (written under a temporary name, renamed when complete)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from ..config import RunConfig, dump_config
+from ..data.template import ChatTemplate, end_of_turn_ids
+from ..data.tokenize import Example
+from ..models import resolve_model
+
+
+class MetricsLog:
+    """Rows appended to OUT/metrics.jsonl (flushed per row) and, with train.tensorboard, TensorBoard scalars;
+    on processes other than rank 0 it writes nothing."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, console: Console):
+        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.tb = _tensorboard(out, console) if (enabled and tensorboard) else None
+
+    def __call__(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _tensorboard(out: Path, console: Console):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        console.print("[yellow]train.tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 of the examples' token ids and labels: the same data, tokenized the same way, gives the same value."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path) -> Path:
+    """HF-format output: full model dir, or a peft adapter dir; tokenizer carries the training template."""
+    eot = end_of_turn_ids(tmpl, tokenizer)
+    target = out / ("adapter" if cfg.lora.enabled else "model")
+    tmp = out / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora.enabled:
+        model.peft_config["default"].base_model_name_or_path = str(resolve_model(cfg.model.path).resolve())
+        model.save_pretrained(tmp)
+    else:
+        model.config.use_cache = True
+        gen = model.generation_config
+        gen.eos_token_id = sorted(set(eot + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+        gen.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.chat_template = tmpl.source
+    tokenizer.save_pretrained(tmp)
+    (tmp / "sftlab_train_config.yaml").write_text(dump_config(cfg))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
