@@ -14,10 +14,9 @@ Each causal block goes to `causal_attention`: on CPU, for blocks of at most `Ker
 (`CausalBmmAttention`: two batched matmuls forward, recomputation plus four backward, softmax and its backward as
 single fused ops, examples processed in cache-sized chunks); otherwise `scaled_dot_product_attention(...,
 is_causal=True)` without a mask (the flash kernel's causal path). PyTorch's CPU flash kernel has a large fixed cost
-in its backward, so short blocks, which is most SFT data, are cheaper on the bmm path (one layer, 8 x 100 tokens:
-flash 1.9x the bmm time; the whole model's fwd+bwd on 8 rows of up to 466 tokens still 1.06x), while long ones
-are cheaper on flash, which skips the masked half (one 2,048-token block: 0.34x); `benchmarks/cpu_kernels.py`. Registered with transformers'
-`AttentionInterface` (its extension point for attention functions; nothing is patched) under the name
+in its backward, so short blocks, which is most SFT data, are cheaper on the bmm path, while long ones are cheaper
+on flash, which skips the masked half (measured: docs/benchmarks.md, "CPU kernels and memory"). Registered with
+transformers' `AttentionInterface` (its extension point for attention functions; nothing is patched) under the name
 `segments`; transformers then passes no mask, only `position_ids`. Not for generation or left padding: training
 and scoring of right-padded or packed batches only (the training loop's `model.attn_implementation: auto` picks
 it on CPU).

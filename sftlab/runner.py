@@ -125,9 +125,8 @@ def _run_train(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
     from .train.loop import train
 
     res = train(train_config(cfg, run_dir), console, resume=True)
-    summary = json.loads((run_dir / "train" / "summary.json").read_text(encoding="utf-8"))
-    return {"steps": res.steps, "final_loss": res.final_loss, "initial_eval_loss": summary.get("initial_eval_loss"),
-            "eval_loss": res.eval_loss, "train_examples": summary.get("train_examples"),
+    return {"steps": res.steps, "final_loss": res.final_loss, "initial_eval_loss": res.initial_eval_loss,
+            "eval_loss": res.eval_loss, "train_examples": res.train_examples,
             "model_dir": str(trained_model_dir(cfg, run_dir))}
 
 

@@ -125,11 +125,11 @@ def test_packed_and_padded_loss_is_token_weighted_mean_of_examples(weighted):
         for batch in (collate_packed(examples), collate_padded(examples, pad_token_id=2)):
             s, ws = sft_loss_sum(model, batch, chunk_size=16)
             assert ws.item() == pytest.approx(loop_weight, abs=1e-5)
-            assert s.item() / ws.item() == pytest.approx(ref_loss, abs=1e-5)
+            assert s.item() / ws.item() == pytest.approx(ref_loss, rel=1e-5)
     if not weighted:  # and HF's own mean loss of one example agrees
         with torch.no_grad():
             hf = model(input_ids=torch.tensor([examples[0].input_ids]), labels=torch.tensor([examples[0].labels])).loss
-        assert ref[0][0] / ref[0][1] == pytest.approx(hf.item(), abs=1e-5)
+        assert ref[0][0] / ref[0][1] == pytest.approx(hf.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("collate", ["packed", "padded"])
@@ -152,7 +152,7 @@ def test_gradient_accumulation_equals_full_batch(collate):
         s_i, _ = sft_loss_sum(model, b, chunk_size=8)
         (s_i / total_w).backward()
         acc_loss += float(s_i.detach())
-    assert acc_loss / float(total_w) == pytest.approx(full_loss.item(), abs=1e-5)
+    assert acc_loss / float(total_w) == pytest.approx(full_loss.item(), rel=1e-5)
     for p, g in zip(params, full_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=0)
 

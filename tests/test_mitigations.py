@@ -78,8 +78,9 @@ def test_kl_is_zero_at_start_and_equals_plain_torch_after_training():
     s, w, kl = module(fresh)
     ref_s, ref_w, ref_kl = _plain_kl(model, base, fresh)
     assert ref_kl > 1e-3, "training did not move the model"
-    assert kl.item() == pytest.approx(ref_kl, abs=1e-5)
-    assert s.item() == pytest.approx(ref_s, rel=1e-6) and w.item() == pytest.approx(ref_w, abs=1e-6)
+    # fp32 sums of per-token terms: relative to the NLL sum they come from (the KL is a difference of log-probs)
+    assert kl.item() == pytest.approx(ref_kl, rel=1e-3, abs=1e-7 * ref_s)
+    assert s.item() == pytest.approx(ref_s, rel=1e-5) and w.item() == ref_w
     # the gradient of the chunked KL is the gradient of the plain full-logit KL
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.autograd.grad(module(fresh)[2], params)
@@ -119,8 +120,8 @@ def test_lora_kl_disables_the_adapter_and_equals_merged_vs_base():
     base = make_tiny_llama(vocab_size=V)  # the same seed: the weights before the adapter
     ref_s, _, ref_kl = _plain_kl(merged, base, batch)
     assert ref_kl > 1e-4
-    assert kl.item() == pytest.approx(ref_kl, abs=1e-5)
-    assert s.item() == pytest.approx(ref_s, abs=1e-5)
+    assert kl.item() == pytest.approx(ref_kl, rel=1e-3, abs=1e-7 * ref_s)
+    assert s.item() == pytest.approx(ref_s, rel=1e-5)  # an fp32 sum of ~200: 1e-5 abs is below its resolution
     # in training mode the reference forward runs without dropout and the modes are restored after it
     peft_model.train()
     modes = [m.training for m in peft_model.modules()]

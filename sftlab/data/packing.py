@@ -5,7 +5,7 @@ and tensors second (`collate_packed`, `collate_padded`), so the batching plan of
 any tensor is built and the loop can compute the global loss normaliser up front.
 
 Packed rows keep their examples independent without a hand-built mask. Since transformers' mask rewrite
-(`masking_utils.create_causal_mask`; our pin >= 4.56 has it, verified on 5.23), a causal LM called with
+(`masking_utils.create_causal_mask`, transformers >= 4.56), a causal LM called with
 `attention_mask=None`, `past_key_values=None` and `position_ids` that restart at 0 finds the segments
 (`find_packed_sequence_indices`) and builds a block-diagonal causal mask for eager, sdpa and flex attention;
 flash-attention derives `cu_seqlens` from the same position_ids (`_is_packed_sequence`, batch size 1).
@@ -119,9 +119,8 @@ def largest_first(batches: list[list[int]], sizes: Sequence[int]) -> list[list[i
 
     As transformers' length-grouped sampler does: the step with the most memory comes first, so an out-of-memory
     error shows at step 1 instead of hours in, and on CPU the process's heap reaches its peak size once, at the
-    start (with `train.malloc_tuning` it is then reused; a later, larger step would page-fault its new memory in:
-    the default model's first 8 x 512-token fwd+bwd took 13.1 s, the same step once the memory is there 6.0 s;
-    `benchmarks/cpu_kernels.py`).
+    start (with `train.malloc_tuning` it is then reused; a later, larger step would page-fault its new memory in;
+    measured in docs/benchmarks.md, "CPU kernels and memory").
     """
     if not batches:
         return batches

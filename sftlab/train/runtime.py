@@ -1,17 +1,15 @@
-"""Process-level settings that make CPU training faster.
+"""Process-level runtime settings of training: malloc tuning, accelerate's state, AdamW state allocated up front.
 
 `tune_malloc`: PyTorch's CPU allocator is the C library's malloc. glibc serves large blocks (above a threshold
 that starts at 128 KiB) with fresh mmap()s and gives freed memory at the top of its heap back to the OS, so much
 of a training step's activations and gradients (MBs each) is new memory whose pages fault in and get zeroed by
 the kernel on first touch. Raising the mmap threshold to its maximum (32 MiB on 64-bit) and switching trimming
 off keeps freed blocks in the process for the next step instead. Trimming matters with batches of varying
-length: after a short step glibc would give back the memory a long step needs again (`benchmarks/cpu_kernels.py`:
-an 8 x 512-token step after shorter ones 8.80 s with a 1 GiB trim threshold, 305k pages faulted in again; 6.01 s
-and no faults without trimming). Peak RSS is not raised (the same blocks are
-reused; measured equal). Blocks above 32 MiB (the loss chunk's logits, the embedding's gradient) stay mmaps:
-serving them from the heap too (M_MMAP_MAX 0) saved ~0.1 s a step but raised peak RSS by ~0.7 GB through
-fragmentation. `release_memory` hands the free heap back when training ends. Other C libraries: nothing is
-changed.
+length: after a short step glibc would give back the memory a long step needs again. Peak RSS is not raised (the
+same blocks are reused). Blocks above 32 MiB (the loss chunk's logits, the embedding's gradient) stay mmaps:
+serving them from the heap too raised peak RSS through fragmentation. `release_memory` hands the free heap back
+when training ends. Other C libraries: nothing is changed. Measured: docs/benchmarks.md, "CPU kernels and
+memory" (`benchmarks/cpu_kernels.py`).
 """
 
 from __future__ import annotations
