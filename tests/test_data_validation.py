@@ -77,8 +77,15 @@ BAD_FILES = {
 }
 
 
+# reasons about a whole file: reason -> (file name, file bytes)
+BAD_WHOLE_FILES = {
+    "empty_file": ("empty.jsonl", b"\n  \n\n"),
+    "unreadable_file": ("corrupt.parquet", b"PAR1 this is not a parquet file PAR1"),
+}
+
+
 def test_every_reason_has_a_malformed_file():
-    assert set(BAD_FILES) == set(REASONS)
+    assert set(BAD_FILES) | set(BAD_WHOLE_FILES) == set(REASONS)
 
 
 @pytest.fixture
@@ -99,7 +106,7 @@ def options_from_cli(cli: list[str], **kw) -> DataOptions:
     return DataOptions(template=cli[1] if cli else "default", **kw)
 
 
-@pytest.mark.parametrize("reason", list(REASONS))
+@pytest.mark.parametrize("reason", list(BAD_FILES))
 def test_reason_python_api(tmp_path, tokenizer, reason):
     path, loc, cli = write_bad(tmp_path, reason)
     with pytest.raises(DataError) as e:
@@ -116,7 +123,7 @@ def test_reason_python_api(tmp_path, tokenizer, reason):
     assert len(kept) == report.kept == report.records - 1
 
 
-@pytest.mark.parametrize("reason", list(REASONS))
+@pytest.mark.parametrize("reason", list(BAD_FILES))
 def test_reason_cli(tmp_path, runner, reason):
     path, loc, cli = write_bad(tmp_path, reason)
     out = tmp_path / "out.jsonl"
@@ -128,6 +135,85 @@ def test_reason_cli(tmp_path, runner, reason):
     assert result.exit_code == 0, result.output
     assert f"invalid skipped {reason}=1" in result.stderr
     assert len(out.read_text().splitlines()) == (2 if reason == "not_object" else 1)
+
+
+@pytest.mark.parametrize("reason", list(BAD_WHOLE_FILES))
+def test_whole_file_reasons_name_the_file_and_count_with_skip_invalid(tmp_path, tokenizer, runner, reason):
+    name, data = BAD_WHOLE_FILES[reason]
+    bad, good = tmp_path / name, tmp_path / "good.jsonl"
+    bad.write_bytes(data)
+    good.write_bytes(line(GOOD) + line(GOOD))
+    with pytest.raises(DataError) as e:
+        list(iter_examples([good, bad], tokenizer, DataOptions()))
+    assert e.value.reason == reason and str(e.value).startswith(f"{bad}: {REASONS[reason]}")
+    report = DataReport()
+    assert len(list(iter_examples([good, bad], tokenizer, DataOptions(skip_invalid=True), report))) == 2
+    assert dict(report.invalid.counts) == {reason: 1}
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["data", "tokenize", str(bad), "--out", str(out)])
+    assert result.exit_code == 1 and f"error: {bad}: {REASONS[reason]}" in result.stderr, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_inputs_read_transparently_with_decompressed_line_numbers(tmp_path, tokenizer, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    raw = line(GOOD) + line({**GOOD, "output": "Other."}) + b'{"instruction": "x", "output": \n'
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+                ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    plain, packed = tmp_path / "d.jsonl", tmp_path / f"d.jsonl{suffix}"
+    plain.write_bytes(raw)
+    packed.write_bytes(compress(raw))
+    with pytest.raises(DataError) as e:
+        list(iter_examples([packed], tokenizer, DataOptions()))
+    assert str(e.value.where) == f"{packed}:3" and e.value.reason == "invalid_json"
+    a = list(iter_examples([plain], tokenizer, DataOptions(skip_invalid=True)))
+    b = list(iter_examples([packed], tokenizer, DataOptions(skip_invalid=True)))
+    assert len(a) == 2 and [x.input_ids for x in a] == [x.input_ids for x in b]
+    assert [x.labels for x in a] == [x.labels for x in b]
+    # directories and globs find compressed files too; a truncated archive names its file
+    assert len(list(iter_examples([str(tmp_path / "*.jsonl*")], tokenizer, DataOptions(skip_invalid=True)))) == 4
+    packed.write_bytes(compress(raw)[: len(compress(raw)) // 2])
+    with pytest.raises(DataError) as e:
+        list(iter_examples([packed], tokenizer, DataOptions()))
+    assert e.value.reason in ("unreadable_file", "invalid_json") and e.value.where.file == str(packed)
+
+
+def test_json_that_python_cannot_take_is_a_named_error(tmp_path, tokenizer):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_bytes(line(GOOD) + b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b', "output": "y"}\n')
+    with pytest.raises(DataError) as e:
+        list(iter_examples([deep], tokenizer, DataOptions()))
+    assert str(e.value).startswith(f"{deep}:2: {REASONS['invalid_json']}") and "nested too deeply" in str(e.value)
+    lone = tmp_path / "lone.jsonl"
+    lone.write_bytes(line(GOOD) + b'{"instruction": "a\\ud800b", "output": "y"}\n'
+                     + b'{"instruction": "pair \\ud83d\\ude00 ok", "output": "y"}\n')
+    report = DataReport()
+    kept = list(iter_examples([lone], tokenizer, DataOptions(skip_invalid=True), report))
+    assert len(kept) == 2 and dict(report.invalid.counts) == {"non_utf8": 1}
+    assert report.invalid.examples[0].startswith(f"{lone}:2: ")
+    arr = tmp_path / "lone.json"
+    arr.write_bytes(b'[{"instruction": "a", "output": "b"}, {"instruction": "\\udfff", "output": "b"}]')
+    with pytest.raises(DataError) as e:
+        list(iter_examples([arr], tokenizer, DataOptions()))
+    assert str(e.value.where) == f"{arr}[record 1]" and e.value.reason == "non_utf8"
+
+
+def test_paths_that_lead_nowhere_name_themselves(tmp_path, tokenizer):
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(tmp_path / "loop.jsonl")
+    with pytest.raises(FileNotFoundError, match="loop.jsonl: a symbolic link that points nowhere"):
+        list(iter_examples([loop], tokenizer, DataOptions()))
+    with pytest.raises(FileNotFoundError, match=r"nothing\*.jsonl: glob matches no data files"):
+        list(iter_examples([str(tmp_path / "nothing*.jsonl")], tokenizer, DataOptions()))
+    with pytest.raises(ValueError, match=r"unsupported file type '.txt'"):
+        (tmp_path / "notes.txt").write_text("x")
+        list(iter_examples([tmp_path / "notes.txt"], tokenizer, DataOptions()))
 
 
 # ---- other containers: the location is a line (CSV, JSON syntax) or a record index (JSON array, Parquet) -------

@@ -2,14 +2,21 @@
 
 Each reader yields `(Location, record)` where record is a dict, or a `DataError` for a record that
 could not be read; nothing is held in memory beyond the current batch (JSON arrays are parsed whole,
-as the format requires).
+as the format requires). JSONL, JSON and CSV may be compressed (`.gz`, `.bz2`, `.xz`, `.zst`): they are
+read through the decompressor, with the line numbers of the decompressed text. A file that cannot be read at
+all (corrupt Parquet or archive, a file that disappears while read) gives one `unreadable_file` error naming it.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
 import glob as globlib
+import gzip
+import io
 import json
+import lzma
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +24,9 @@ from pathlib import Path
 from .validate import DataError, Location
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")  # of text formats (jsonl, json, csv)
+# a JSON \u escape of a UTF-16 surrogate: valid in pairs (characters outside the BMP), not alone
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 BOM = b"\xef\xbb\xbf"
 # Columns that hold message lists; in CSV they arrive as JSON text.
 JSON_COLUMNS = ("messages", "conversations", "prompt", "completion")
@@ -35,6 +45,64 @@ def _inside_hf_dataset(path: Path, root: Path | None = None) -> bool:
     return any(_is_hf_dataset(d) for d in path.parents if root is None or d.is_relative_to(root))
 
 
+def data_kind(path: Path) -> str | None:
+    """"jsonl" | "json" | "csv" | "parquet" for a data file name (compressed text formats included), else None."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSED:
+        kind = EXTENSIONS.get(Path(path.stem).suffix.lower())
+        return kind if kind != "parquet" else None
+    return EXTENSIONS.get(suffix)
+
+
+def open_data(path: Path):
+    """The file's bytes, decompressed if its name says so."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".zst":
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Zstandard frames decompressed as a stream; a stream that ends inside a frame is an error (zstandard's own
+    stream reader ends quietly there, which would lose the rest of the file without a word)."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._file, self._new = open(path, "rb"), zstandard.ZstdDecompressor().decompressobj
+        self._obj, self._buf, self._in_frame = self._new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed stream ends inside a zstd frame (truncated file)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._buf += self._obj.decompress(chunk)
+                chunk = self._obj.unused_data if self._obj.eof else b""
+                if self._obj.eof:
+                    self._obj, self._in_frame = self._new(), False
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def expand_paths(inputs: list[str | Path]) -> list[Path]:
     """Files (and saved datasets) named by the inputs: files, directories (recursive) or glob patterns."""
     out: list[Path] = []
@@ -43,19 +111,22 @@ def expand_paths(inputs: list[str | Path]) -> list[Path]:
         if _is_hf_dataset(p):
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in EXTENSIONS
+            found = sorted(f for f in p.rglob("*") if f.is_file() and data_kind(f)
                            and not _inside_hf_dataset(f, p))
             found += sorted(d for d in p.rglob("*") if _is_hf_dataset(d) and not _inside_hf_dataset(d, p))
             if not found:
                 raise FileNotFoundError(f"{p}: directory has no .jsonl/.json/.csv/.parquet files")
             out.extend(found)
         elif p.is_file():
-            if p.suffix not in EXTENSIONS:
-                raise ValueError(f"{p}: unsupported file type {p.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+            if data_kind(p) is None:
+                raise ValueError(f"{p}: unsupported file type {''.join(p.suffixes[-2:])!r} (use .jsonl, .json, .csv "
+                                 f"or .parquet; text formats may be compressed: .gz, .bz2, .xz, .zst)")
             out.append(p)
+        elif p.is_symlink():
+            raise FileNotFoundError(f"{item}: a symbolic link that points nowhere (broken, or a loop)")
         elif any(c in str(item) for c in "*?["):
             found = sorted(Path(f) for f in globlib.glob(str(item), recursive=True)
-                           if (Path(f).is_file() and Path(f).suffix in EXTENSIONS and not _inside_hf_dataset(Path(f)))
+                           if (Path(f).is_file() and data_kind(Path(f)) and not _inside_hf_dataset(Path(f)))
                            or _is_hf_dataset(Path(f)))
             if not found:
                 raise FileNotFoundError(f"{item}: glob matches no data files")
@@ -72,8 +143,36 @@ def _decode_utf8(raw: bytes, where: Location) -> str:
         raise DataError(where, "non_utf8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
 
 
+def _parse_json(text: str, where: Location):
+    """json.loads with the two ways valid-looking JSON is not data: nesting past Python's recursion limit, and
+    lone surrogate escapes (not characters; no tokenizer can take them)."""
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise DataError(where, "invalid_json", "nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        raise DataError(where, "non_utf8", "a string holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is "
+                        "not a Unicode character")
+    return obj
+
+
+def _has_lone_surrogate(obj) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if any("\ud800" <= ch <= "\udfff" for ch in x):
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
-    with open(path, "rb") as f:
+    with open_data(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = Location(str(path), line=lineno)
             if lineno == 1 and raw.startswith(BOM):
@@ -82,8 +181,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
             if not raw.strip():
                 continue
             try:
-                text = _decode_utf8(raw, where)
-                obj = json.loads(text)
+                obj = _parse_json(_decode_utf8(raw, where), where)
             except DataError as e:
                 yield where, e
                 continue
@@ -94,7 +192,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
 
 
 def read_json(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
-    raw = path.read_bytes()
+    with open_data(path) as f:
+        raw = f.read()
     file_where = Location(str(path), line=1)
     if raw.startswith(BOM):
         yield file_where, DataError(file_where, "bom", "save the file as UTF-8 without BOM")
@@ -111,22 +210,31 @@ def read_json(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
         where = Location(str(path), line=e.lineno)
         yield where, DataError(where, "invalid_json", f"{e.msg} at column {e.colno}")
         return
+    except RecursionError:
+        yield file_where, DataError(file_where, "invalid_json", "nested too deeply")
+        return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         yield file_where, DataError(file_where, "wrong_type", "a .json file must hold an array of records")
         return
+    check = bool(_SURROGATE_ESCAPE.search(text))
     for i, obj in enumerate(data):
-        yield Location(str(path), index=i), obj
+        where = Location(str(path), index=i)
+        if check and _has_lone_surrogate(obj):
+            yield where, DataError(where, "non_utf8", "a string holds a lone UTF-16 surrogate escape (e.g. "
+                                   "\\ud800), which is not a Unicode character")
+            continue
+        yield where, obj
 
 
 def read_csv(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
-    with open(path, "rb") as fb:
+    with open_data(path) as fb:
         if fb.read(3) == BOM:
             where = Location(str(path), line=1)
             yield where, DataError(where, "bom", "save the file as UTF-8 without BOM")
             return
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with io.TextIOWrapper(open_data(path), encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         last_line = 1 if reader.fieldnames is not None else 0
         for row in reader:
@@ -182,24 +290,34 @@ READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": r
 
 
 def read_records(path: Path) -> Iterator[tuple[Location, dict | DataError]]:
-    if _is_hf_dataset(path):
-        return read_hf_dataset(path)
-    return READERS[EXTENSIONS[path.suffix]](path)
+    """The file's records; a file that cannot be read (corrupt, truncated archive, gone) ends in one
+    `unreadable_file` error naming it, after the records read before the failure."""
+    reader = read_hf_dataset if _is_hf_dataset(path) else READERS[data_kind(path)]
+    try:
+        yield from reader(path)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow, decompressors and the OS raise their own types; name the file
+        where = Location(str(path))
+        yield where, DataError(where, "unreadable_file", f"{type(e).__name__}: {e}")
 
 
 def count_records(path: Path) -> int | None:
     """Cheap record count for progress bars (None where it would cost a parse)."""
     if _is_hf_dataset(path):
         return None
-    kind = EXTENSIONS[path.suffix]
-    if kind == "jsonl":
-        n = 0
-        with open(path, "rb") as f:
-            for raw in f:
-                n += bool(raw.strip())
-        return n
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+    kind = data_kind(path)
+    try:
+        if kind == "jsonl":
+            n = 0
+            with open_data(path) as f:
+                for raw in f:
+                    n += bool(raw.strip())
+            return n
+        if kind == "parquet":
+            import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+            return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # unreadable: the reader names the file and the reason
+        return None
     return None

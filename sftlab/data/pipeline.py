@@ -130,7 +130,9 @@ def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: Data
     seen: set[bytes] = set()
     for path in expand_paths(inputs):
         file_format = opts.format
+        records = 0
         for where, rec in read_records(path):
+            records += 1
             report.records += 1
             if on_record:
                 on_record()
@@ -168,6 +170,9 @@ def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: Data
             report.formats[fmt] += 1
             report.tasks[task] += 1
             yield conv
+        if records == 0:
+            _handle(DataError(Location(str(path)), "empty_file", "no records (empty, or only blank lines)"), opts,
+                    report)
 
 
 def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTemplate, opts: TokenizeOptions,
