@@ -71,15 +71,32 @@ def run_guarded(fn):
         fail(str(e).replace("[", "\\["))
 
 
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; running the same command resumes
+
+
 def run_training(fn):
-    """`run_guarded`, plus a diverged training (non-finite loss) reported as one clear line."""
-    from .train.loop import TrainingDiverged
+    """`run_guarded`, plus a diverged training (non-finite loss), a checkpoint that could not be written and a busy
+    output directory reported as one clear line; a stop signal ends with a checkpoint, a resume hint and exit code
+    75."""
+    import shlex
+
+    from .io import DirectoryBusy
+    from .train.checkpoint import CheckpointError
+    from .train.loop import TrainingDiverged, TrainingInterrupted
 
     def go():
         try:
             return fn()
-        except TrainingDiverged as e:
+        except (TrainingDiverged, CheckpointError, DirectoryBusy) as e:
             fail(str(e))
+        except TrainingInterrupted as e:
+            from rich.markup import escape
+
+            command = shlex.join(["sftlab", *sys.argv[1:]])
+            console.print(f"[yellow]interrupted[/] by {e.signal_name} at step {e.step}: checkpoint "
+                          f"{escape(str(e.checkpoint))}; resume with: {escape(command)}", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(EXIT_INTERRUPTED)
 
     return run_guarded(go)
 

@@ -6,8 +6,10 @@ half-written file never looks complete, and shows its long steps with `progress`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,3 +68,31 @@ def progress(label: str, console: Console | None, unit: str = "", disable: bool 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(unit or "{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, disable=disable)
+
+
+class DirectoryBusy(RuntimeError):
+    """Another live process is writing the output directory."""
+
+
+@contextmanager
+def output_lock(directory: Path):
+    """One writer per output directory: an exclusive lock on DIR/.sftlab.lock for as long as the block runs.
+
+    The lock is the OS's (flock), so it goes with the process that held it: a lock left by a killed process is
+    free again and simply taken over. The file names the holder (pid and host) for the refusal message."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".sftlab.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise DirectoryBusy(f"{directory}: another sftlab process ({holder}) is writing this directory; "
+                                "wait for it, stop it, or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

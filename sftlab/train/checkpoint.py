@@ -4,7 +4,13 @@ A checkpoint is written into `checkpoints/.step-N.tmp/`, every file fsynced, the
 `checkpoints/step-N/` (rename is atomic on POSIX), so a crash mid-write leaves the previous checkpoint
 intact and the partial one is ignored (and cleaned up) on resume. It holds the trainable parameters
 (safetensors), the optimizer and scheduler states, every process's RNG states and the trainer state
-(step, data position, best eval) so that `--resume` continues bit-exactly.
+(step, best eval, the length of metrics.jsonl at that step) so that `--resume` continues bit-exactly.
+
+Nothing in a checkpoint is unpickled: tensors are safetensors, the optimizer and scheduler states are read with
+`torch.load(weights_only=True)`, the Python and NumPy RNG states are JSON. A write that fails (disk full, quota)
+removes its partial directory and raises `CheckpointError`, leaving the previous checkpoint as it was; a
+checkpoint that cannot be read is reported by `load_checkpoint` before anything is changed, so the caller can fall
+back to an older one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -39,22 +46,47 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names it and what was kept."""
+
+
 def trainable_state(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # from named_parameters(), which lists tied weights once, as safetensors requires
     return {n: p.detach().cpu().contiguous() for n, p in params.items()}
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def write_rng_state(tmp: Path, rank: int) -> None:
+    """This process's RNG states: Python's and NumPy's as JSON, torch's (CPU, CUDA) as safetensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(
+        {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}))
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+
+
+def read_rng_state(path: Path, rank: int) -> dict | None:
+    if not (path / f"rng-{rank}.json").is_file():
+        if (path / f"rng-{rank}.pt").is_file():
+            raise ValueError("written by an older sftlab (pickled RNG state); resume is not exact from it")
+        return None
+    state = json.loads((path / f"rng-{rank}.json").read_text())
+    state["tensors"] = load_file(str(path / f"rng-{rank}.safetensors"))
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = state["tensors"]
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, scheduler,
@@ -71,15 +103,23 @@ def save_checkpoint(root: Path, step: int, params: dict[str, torch.Tensor], opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    try:
+        write_rng_state(tmp, rank)
+        if rank == 0:
+            save_file(trainable_state(params), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=2))
+        barrier()
+        if rank == 0:
+            _fsync_tree(tmp)
+    except (OSError, SafetensorError) as e:  # disk full, quota, file size limit (safetensors wraps the OS error)
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial directory goes, the previous checkpoint stays
+        kept = list_checkpoints(root)
+        intact = f"the previous checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+        reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1]
+        raise CheckpointError(f"{final}: could not write the checkpoint ({reason}); {intact}") from None
     if rank == 0:
-        save_file(trainable_state(params), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=2))
-    barrier()
-    if rank == 0:
-        _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(ckpts)
@@ -109,10 +149,24 @@ def remove_partial(root: Path) -> int:
     return n
 
 
+def read_checkpoint(path: Path, rank: int = 0) -> dict:
+    """Every file of a checkpoint, read and checked, nothing applied: a `CheckpointError` for one that is
+    truncated, corrupt or from another format."""
+    try:
+        return {"state": json.loads((path / "state.json").read_text()),
+                "tensors": load_file(str(path / "trainable.safetensors")),
+                "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+                "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+                "rng": read_rng_state(path, rank)}
+    except Exception as e:  # safetensors, json, torch and the OS each raise their own types
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore the trainable parameters (by name), optimizer, scheduler and RNG in place; return the trainer state."""
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "trainable.safetensors"))
+    """Restore the trainable parameters (by name), optimizer, scheduler and RNG in place; return the trainer state.
+    Everything is read and checked before anything is changed."""
+    ckpt = read_checkpoint(path, rank)
+    tensors = ckpt["tensors"]
     missing = [n for n in params if n not in tensors]
     unexpected = [n for n in tensors if n not in params]
     if missing or unexpected:
@@ -121,9 +175,8 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, sche
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["rng"] is not None:
+        set_rng_state(ckpt["rng"])
+    return ckpt["state"]

@@ -10,6 +10,13 @@ processes); nothing is a mean of per-micro-batch means.
 Exact resume: the micro-batch stream is a pure function of (seed, epoch) (`plan.py`), so the step number is the
 data position; parameters, optimizer, scheduler and RNG states come from the checkpoint.
 
+Preemption: SIGTERM, SIGINT and SIGUSR1 (what SLURM and Kubernetes send before a kill) let the current optimizer
+step finish, write a checkpoint and raise `TrainingInterrupted`; a second signal stops at once (the previous
+checkpoint stays intact). On resume, metrics.jsonl is cut back to what it held when the checkpoint was written, so
+no step is logged twice; an unreadable newest checkpoint is skipped, with a warning, for the one before it. A run
+whose outputs are complete for the same config is not trained again. One process writes an output directory at a
+time (`io.output_lock`).
+
 The recipe takes its epoch planner and its loss as arguments (`train(cfg, planner=..., loss=...)`): a benchmark
 or a test varies them by passing other functions. Forgetting mitigations (replay, KL to base, L2-SP) live in
 `mitigations.py`; each is one call at its place in the step.
@@ -18,10 +25,13 @@ or a test varies them by passing other functions. Forgetting mitigations (replay
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +43,9 @@ from ..config import RunConfig, dump_config
 from ..data.pipeline import DataOptions, DataReport, iter_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
-from ..io import atomic_write, progress
+from ..io import atomic_write, output_lock, progress
 from ..models import load_model, load_tokenizer, resolve_attention
-from .checkpoint import list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .loss import sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
@@ -48,6 +58,17 @@ from .runtime import init_adamw_state, release_memory, reset_accelerate_state, t
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; training stopped and the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; the step in progress finished and `checkpoint` holds it."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"{signal_name} at step {step}: stopped after writing {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -103,6 +124,8 @@ class State:
     initial_eval: float | None = None
     last_loss: float | None = None
     eval_loss: float | None = None
+    metrics_bytes: int = 0  # metrics.jsonl's length when the checkpoint was written
+    final: bool = False  # the checkpoint is the one `finish` writes (final validation done)
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -110,22 +133,68 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True,
           planner: EpochPlanner = epoch_batches, loss: LossFn = sft_loss_sum) -> TrainResult:
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
-    run = setup(cfg, planner, loss)
-    is_main = run.accelerator.is_main_process
     out = Path(cfg.output_dir)
-    state = restore(run, cfg, out, resume, console)
-    if is_main:
-        (out / "config.yaml").write_text(dump_config(cfg))
-    log = MetricsLog(out, is_main, cfg.train.tensorboard, console)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(out) if is_main else contextlib.nullcontext():
+        done = completed(out, cfg) if resume else None
+        if done is not None:
+            console.print(f"[green]complete[/] {out} already holds this run ({done.steps} steps, model in "
+                          f"{done.model_dir}); --no-resume trains again", highlight=False, soft_wrap=True)
+            return done
+        run = setup(cfg, planner, loss)
+        state = restore(run, cfg, out, resume, console)
+        if is_main:
+            (out / "config.yaml").write_text(dump_config(cfg))
+        log = MetricsLog(out, is_main, cfg.train.tensorboard, console, keep_bytes=state.metrics_bytes)
+        try:
+            if state.step == 0:
+                state.initial_eval = validation_loss(run, cfg)  # the base model's, for comparison
+                if state.initial_eval is not None:
+                    log({"step": 0, "eval_loss": state.initial_eval})
+            with stop_signals() as stop:
+                fit(run, state, cfg, out, log, console, stop)
+            return finish(run, state, cfg, out, log, console, time.perf_counter() - t_start)
+        finally:
+            log.close()
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+
+
+def completed(out: Path, cfg: RunConfig) -> TrainResult | None:
+    """The result of a finished run of this same config in `out` (summary.json written last), else None."""
     try:
-        if state.step == 0:
-            state.initial_eval = validation_loss(run, cfg)  # the base model's, for comparison
-            if state.initial_eval is not None:
-                log({"step": 0, "eval_loss": state.initial_eval})
-        fit(run, state, cfg, out, log, console)
-        return finish(run, state, cfg, out, log, console, time.perf_counter() - t_start)
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model_dir = Path(summary.get("model_dir", ""))
+    if summary.get("config_sha256") != config_hash(cfg) or not model_dir.is_dir():
+        return None
+    return TrainResult(out, summary["steps"], summary["final_loss"], summary["eval_loss"],
+                       summary["initial_eval_loss"], summary["train_examples"], summary["weight_change"], model_dir)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While the block runs, the first SIGTERM/SIGINT/SIGUSR1 is recorded (`stop["signal"]`) for the loop to stop
+    after the step in progress; a second one raises at once. Outside the main thread nothing is installed."""
+    stop: dict = {"signal": None}
+
+    def handler(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        stop["signal"] = signal.Signals(signum).name
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield stop
     finally:
-        log.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def data_options(cfg: RunConfig) -> DataOptions:
@@ -215,23 +284,38 @@ def restore(run: Setup, cfg: RunConfig, out: Path, resume: bool, console: Consol
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial(out)
+        (out / "summary.json").unlink(missing_ok=True)  # describes a finished run: not this one (yet)
+        if not resume:  # start over: no checkpoint or metric of an earlier run is kept
+            for old in list_checkpoints(out):
+                shutil.rmtree(old)
     acc.wait_for_everyone()
-    ckpts = list_checkpoints(out) if resume else []
-    if not ckpts:  # AdamW's moments allocated before the first forward, so the memory peak comes at step 1
+    for path in reversed(list_checkpoints(out)):
+        try:
+            saved = load_checkpoint(path, run.trainable(), run.optimizer, run.scheduler, acc.process_index)
+        except CheckpointError as e:
+            if acc.is_main_process:
+                console.print(f"[yellow]warning:[/] {e}; skipped, trying the one before", highlight=False,
+                              soft_wrap=True)
+            continue
+        break
+    else:  # AdamW's moments allocated before the first forward, so the memory peak comes at step 1
         init_adamw_state(run.optimizer)
         return State()
-    saved = load_checkpoint(ckpts[-1], run.trainable(), run.optimizer, run.scheduler, acc.process_index)
     if run.master:
         run.master.to_model()
     if saved.get("world_size", acc.num_processes) != acc.num_processes:
-        raise RuntimeError(f"{ckpts[-1]} was written by {saved['world_size']} processes; resume with the same")
+        raise RuntimeError(f"{path} was written by {saved['world_size']} processes; resume with the same")
     if acc.is_main_process:
-        console.print(f"resuming from {ckpts[-1]} (step {saved['step']}/{run.stream.steps})")
-    return State(saved["step"], saved.get("best_eval"), saved.get("bad_evals", 0), saved.get("initial_eval"))
+        console.print(f"resuming from {path} (step {saved['step']}/{run.stream.steps})", highlight=False,
+                      soft_wrap=True)
+    return State(saved["step"], saved.get("best_eval"), saved.get("bad_evals", 0), saved.get("initial_eval"),
+                 eval_loss=saved.get("eval_loss"), metrics_bytes=saved.get("metrics_bytes", 0),
+                 final=saved.get("final", False))
 
 
-def fit(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, console: Console) -> None:
-    """Optimizer steps until the plan's last (or early stopping), with periodic validation and checkpoints."""
+def fit(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, console: Console, stop: dict) -> None:
+    """Optimizer steps until the plan's last (or early stopping, or a stop signal: `stop["signal"]`), with
+    periodic validation and checkpoints."""
     t, total = cfg.train, run.stream.steps
     with progress("train", console, disable=not run.accelerator.is_main_process) as bar_view:
         bar = bar_view.add_task("train", total=total, completed=state.step, info="")
@@ -259,8 +343,20 @@ def fit(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, co
             if t.eval_every and state.step % t.eval_every == 0 and state.step < total:
                 if validate_and_stop(run, state, cfg, log, console):
                     break
-            if t.save_every and state.step % t.save_every == 0 and state.step < total:
-                checkpoint(run, state, cfg, out)
+            saved = t.save_every and state.step % t.save_every == 0 and state.step < total
+            if saved:
+                checkpoint(run, state, cfg, out, log)
+            if stop_requested(run, stop):
+                path = checkpoint(run, state, cfg, out, log) if not saved else list_checkpoints(out)[-1]
+                raise TrainingInterrupted(stop["signal"] or "stop signal", state.step, path)
+
+
+def stop_requested(run: Setup, stop: dict) -> bool:
+    """Whether any process received a stop signal (processes agree, so all stop after the same step)."""
+    flag = torch.tensor([1.0 if stop["signal"] else 0.0])
+    if run.accelerator.num_processes > 1:
+        flag = run.accelerator.reduce(flag.to(run.accelerator.device), reduction="sum").cpu()
+    return bool(flag.item())
 
 
 def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
@@ -346,12 +442,13 @@ def validate_and_stop(run: Setup, state: State, cfg: RunConfig, log: MetricsLog,
     return False
 
 
-def checkpoint(run: Setup, state: State, cfg: RunConfig, out: Path) -> None:
+def checkpoint(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, final: bool = False) -> Path:
     saved = {"step": state.step, "best_eval": state.best_eval, "bad_evals": state.bad_evals,
-             "initial_eval": state.initial_eval}
+             "initial_eval": state.initial_eval, "eval_loss": state.eval_loss, "metrics_bytes": log.size(),
+             "final": final}
     acc = run.accelerator
-    save_checkpoint(out, state.step, run.trainable(), run.optimizer, run.scheduler, saved, cfg.train.keep_last,
-                    acc.process_index, acc.num_processes, acc.wait_for_everyone)
+    return save_checkpoint(out, state.step, run.trainable(), run.optimizer, run.scheduler, saved,
+                           cfg.train.keep_last, acc.process_index, acc.num_processes, acc.wait_for_everyone)
 
 
 def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, console: Console,
@@ -359,10 +456,11 @@ def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog,
     """Final validation and checkpoint, the exact final weights, weight change, HF export and summary.json."""
     from .weights import weight_change
 
-    state.eval_loss = validation_loss(run, cfg)
-    if state.eval_loss is not None:
-        log({"step": state.step, "eval_loss": state.eval_loss})
-    checkpoint(run, state, cfg, out)
+    if not state.final:  # resumed from the final checkpoint: its validation is logged already
+        state.eval_loss = validation_loss(run, cfg)
+        if state.eval_loss is not None:
+            log({"step": state.step, "eval_loss": state.eval_loss})
+        checkpoint(run, state, cfg, out, log, final=True)
     model = run.accelerator.unwrap_model(run.module).model
     run.optimizer.state.clear()  # AdamW moments are in the checkpoint; free them before the final save
     if run.master:  # the final model: the exact fp32 masters
@@ -388,6 +486,7 @@ def write_summary(run: Setup, state: State, cfg: RunConfig, result: TrainResult,
                "train_examples": len(run.train_ex), "eval_examples": len(run.eval_ex), "data": run.report.as_dict(),
                "tasks": sorted({str(ex.task) for ex in run.train_ex if ex.task is not None}),
                "data_fingerprint": fingerprint(run.train_ex), "wall_s": wall_s, "model_dir": str(result.model_dir),
+               "config_sha256": config_hash(cfg),
                "mitigations": {"replay_ratio": t.replay.ratio if t.replay else 0.0, "kl_to_base": t.kl_to_base,
                                "l2_to_base": t.l2_to_base}}
     if run.replay_ex:

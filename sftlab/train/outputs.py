@@ -21,13 +21,23 @@ class MetricsLog:
     """Rows appended to OUT/metrics.jsonl (flushed per row) and, with train.tensorboard, TensorBoard scalars;
     on processes other than rank 0 it writes nothing."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool, console: Console):
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, console: Console, keep_bytes: int = 0):
+        """`keep_bytes`: the length metrics.jsonl had when the checkpoint resumed from was written; what was
+        logged after it (steps that are now run again) is cut off, so no step appears twice."""
+        self.file = None
+        if enabled:
+            self.file = open(out / "metrics.jsonl", "a+b")
+            self.file.truncate(min(keep_bytes, self.file.seek(0, 2)))
+            self.file.seek(0, 2)
         self.tb = _tensorboard(out, console) if (enabled and tensorboard) else None
+
+    def size(self) -> int:
+        """Bytes written so far (what a checkpoint records, to cut back to on resume)."""
+        return self.file.tell() if self.file else 0
 
     def __call__(self, row: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write((json.dumps(row) + "\n").encode())
             self.file.flush()
         if self.tb:
             for k, v in row.items():
