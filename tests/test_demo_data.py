@@ -9,6 +9,7 @@ import pytest
 
 from sftlab.demo_data import (FAMILIES, HELDOUT_TASKS, TRAIN_TASKS, build_demo_data, check, sample_family,
                               write_demo_data)
+from sftlab.evaluate.metrics import normalise_answer
 
 
 @pytest.fixture(scope="module")
