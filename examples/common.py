@@ -14,9 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.config import load_config
+from sftlab.config import EvalConfig, load_config
 from sftlab.data.pipeline import DataOptions
-from sftlab.evaluate.run import EvalOptions, evaluate
+from sftlab.evaluate.evaluate import evaluate
 from sftlab.train.loop import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -74,9 +74,9 @@ def eval_run(model: str | Path, out: Path, data: list[Path], console: Console, b
     """`sftlab eval` (skipped when out/metrics.json exists); returns metrics.json."""
     metrics = out / "metrics.json"
     if not metrics.exists():
-        evaluate(EvalOptions(model=str(model), out=out, data=[str(p) for p in data],
-                             base=str(base) if base else None, general=[str(p) for p in general],
-                             data_opts=DataOptions(task_field="task", strip=(STRIP,)), **kw), console)
+        cfg = EvalConfig(data=[str(p) for p in data], general=[str(p) for p in general], **kw)
+        evaluate(cfg, str(model), out, DataOptions(task_field="task", strip=(STRIP,)),
+                 base=str(base) if base else None, console=console)
     return json.loads(metrics.read_text())
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .config import EvalConfig, ModelConfig
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised instruction fine-tuning: audit what the model knows, train, evaluate, report.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect, tokenize and split instruction data.")
@@ -190,26 +192,13 @@ def merge_cmd(
         if interpolate is None:
             path = models.merge_adapter(model, out)
         else:
-            path = models.interpolate(base or _base_of(model), model, interpolate, out)
+            path = models.interpolate(base or models.base_of(model), model, interpolate, out)
         console.print(f"[green]done[/] wrote {path}", highlight=False)
 
     run_guarded(go)
 
 
-def _base_of(model: str) -> str:
-    import json
-
-    import yaml
-
-    p = Path(model)
-    if (p / "adapter_config.json").is_file():
-        return json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if (p / "sftlab_train_config.yaml").is_file():
-        return yaml.safe_load((p / "sftlab_train_config.yaml").read_text())["model"]["path"]
-    raise ValueError(f"{model}: cannot tell its base model; pass --base")
-
-
-# ---- data split / eval / report (issue 5) ---------------------------------------------------------------------
+# ---- data split / eval / report -----------------------------------------------------------------------------
 @data_app.command("split")
 def data_split(
     data: Annotated[list[str], typer.Argument(help="Files, directories, globs or saved datasets")],
@@ -225,7 +214,7 @@ def data_split(
 ):
     """Split data into train / held-out instances (same tasks) / held-out tasks (unseen tasks)."""
     from .data.pipeline import DataOptions
-    from .evaluate.generalization import SplitOptions, write_split
+    from .data.split import SplitOptions, write_split
 
     def go():
         opts = DataOptions(format=fmt, task_field=task_field, task_map=str(task_map) if task_map else None,
@@ -242,41 +231,44 @@ def data_split(
 def eval_cmd(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", help="Output dir: metrics.json, examples.jsonl")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Task data (any supported format; repeatable)")] = None,
+    data: list[str] = flag(EvalConfig, "data"),
     base: Annotated[Optional[str], typer.Option("--base", help="Base model to compare with (deltas with 95% CIs)")] = None,
-    general: Annotated[Optional[list[str]], typer.Option("--general", help="General-knowledge QA file(s) (repeatable)")] = None,
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="Plain-text file(s) for perplexity (.txt, or JSONL with 'text')")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Seeded random sample of N valid examples per file (file order kept)")] = None,
-    general_limit: Annotated[Optional[int], typer.Option("--general-limit", help="First N questions per --general file (default: --limit)")] = None,
-    question_field: Annotated[str, typer.Option("--question-field", help="QA question field")] = "question",
-    answer_field: Annotated[str, typer.Option("--answer-field", help="QA gold answer field (string or list)")] = "answer",
-    qa_prompt: Annotated[str, typer.Option("--qa-prompt", help="User message for a QA probe, with {question}")] = "{question}",
-    few_shot: Annotated[int, typer.Option("--few-shot", help="K: base with K shots vs model zero-shot on held-out tasks")] = 0,
-    generations: Annotated[int, typer.Option("--generations", help="Side-by-side generations kept in metrics.json")] = 5,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generation budget for task data")] = 64,
-    qa_max_new_tokens: Annotated[int, typer.Option("--qa-max-new-tokens", help="Generation budget for QA probes")] = 32,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generation batch")] = 8,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per NLL forward pass")] = 4096,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CIs")] = 1000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for bootstrap and few-shot demonstrations")] = 0,
+    general: list[str] = flag(EvalConfig, "general"),
+    text: list[str] = flag(EvalConfig, "text"),
+    limit: Optional[int] = flag(EvalConfig, "limit"),
+    general_limit: Optional[int] = flag(EvalConfig, "general_limit"),
+    question_field: str = flag(EvalConfig, "question_field"),
+    answer_field: str = flag(EvalConfig, "answer_field"),
+    qa_prompt: str = flag(EvalConfig, "qa_prompt"),
+    few_shot: int = flag(EvalConfig, "few_shot"),
+    generations: int = flag(EvalConfig, "generations"),
+    max_new_tokens: int = flag(EvalConfig, "max_new_tokens"),
+    qa_max_new_tokens: int = flag(EvalConfig, "qa_max_new_tokens"),
+    batch_size: int = flag(EvalConfig, "batch_size"),
+    forward_batch_tokens: int = flag(EvalConfig, "forward_batch_tokens"),
+    max_labels: int = flag(EvalConfig, "max_labels"),
+    text_window: int = flag(EvalConfig, "text_window"),
+    text_field: str = flag(EvalConfig, "text_field"),
+    bootstrap: int = flag(EvalConfig, "bootstrap"),
+    seed: int = flag(EvalConfig, "seed"),
+    dtype: str = flag(ModelConfig, "dtype"),
     fmt: FormatOpt = None, template: TemplateOpt = "default", max_length: MaxLenOpt = None,
     truncation: TruncOpt = "truncate-prompt-left", loss_on: LossOnOpt = "assistant", strip: StripOpt = None,
     task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None, skip_invalid: SkipOpt = False,
 ):
     """Task metrics, general-knowledge probe, perplexity; base vs model deltas; writes DIR/metrics.json."""
-    from .evaluate.run import EvalOptions, evaluate
+    from .evaluate.evaluate import evaluate
 
     def go():
-        opts = EvalOptions(
-            model=model, out=out, data=list(data or []), base=base, general=list(general or []),
-            text=list(text or []), limit=limit, general_limit=general_limit, question_field=question_field,
-            answer_field=answer_field,
-            qa_prompt=qa_prompt, few_shot=few_shot, generations=generations, max_new_tokens=max_new_tokens,
-            qa_max_new_tokens=qa_max_new_tokens, batch_size=batch_size, batch_tokens=batch_tokens,
-            bootstrap=bootstrap, seed=seed,
-            data_opts=data_options(fmt, template, max_length, truncation, loss_on, 0.0, strip, task_map, task_field,
-                                   skip_invalid, False))
-        return evaluate(opts, console)
+        cfg = EvalConfig(data=data, general=general, text=text, limit=limit, general_limit=general_limit,
+                         question_field=question_field, answer_field=answer_field, qa_prompt=qa_prompt,
+                         few_shot=few_shot, generations=generations, max_new_tokens=max_new_tokens,
+                         qa_max_new_tokens=qa_max_new_tokens, batch_size=batch_size,
+                         forward_batch_tokens=forward_batch_tokens, max_labels=max_labels, text_window=text_window,
+                         text_field=text_field, bootstrap=bootstrap, seed=seed)
+        data_opts = data_options(fmt, template, max_length, truncation, loss_on, 0.0, strip, task_map, task_field,
+                                 skip_invalid, False)
+        return evaluate(cfg, model, out, data_opts, base=base, dtype=dtype, console=console)
 
     run_guarded(go)
 
@@ -314,13 +306,19 @@ def generate_cmd(
 ):
     """Batched replies for every example; a final assistant turn is dropped from the prompt and kept as reference."""
     from .data.pipeline import DataOptions
+    from .evaluate.metrics import exact_match_of_generations
     from .generate import generate_file
+    from .io import read_jsonl
 
     def go():
         opts = DataOptions(format=fmt, task_field=task_field, task_map=str(task_map) if task_map else None,
                            template=template, skip_invalid=skip_invalid)
-        return generate_file(data, model, out, opts, console, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+        summary = generate_file(data, model, out, opts, console, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+        rate, n_ref = exact_match_of_generations(read_jsonl(out))
+        if rate is not None:
+            console.print(f"exact match {rate:.1%} of {n_ref:,} with references", highlight=False)
+        return summary
 
     run_guarded(go)
 
@@ -414,7 +412,7 @@ def select_cmd(
     run_guarded(lambda: run_select(audit_dir, out, strategy, budget, console, seed=seed, dup_threshold=dup_threshold))
 
 
-# ---- run: the whole pipeline (issue 5) --------------------------------------------------------------------------
+# ---- run: the whole pipeline --------------------------------------------------------------------------------
 @app.command("run")
 def run_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="YAML config (see configs/run-t0.yaml)")] = None,
@@ -446,6 +444,3 @@ def demo_cmd(
 
     run_guarded(lambda: run_demo(out, model, overrides or [], console))
 
-
-def main():  # pragma: no cover
-    sys.exit(app())

@@ -184,12 +184,17 @@ class SelectConfig(Strict):
 
 
 class EvalConfig(Strict):
-    data: list[str] = Field(default_factory=list, description="sftlab run: task data to evaluate, tuned vs base "
-                            "(read with the data.* options); with general and text empty the eval stage is skipped")
+    """`sftlab eval` and the run's eval stage (`evaluate.evaluate.evaluate` takes this section)."""
+
+    data: list[str] = Field(default_factory=list, description="Task data to evaluate, model vs base (read with the "
+                            "data options; repeatable); sftlab run skips eval when data, general and text are empty")
     general: list[str] = Field(default_factory=list, description="General-knowledge QA file(s) (forgetting probe)")
-    text: list[str] = Field(default_factory=list, description="Plain-text file(s) for perplexity")
-    base: str | None = Field(None, description="Model compared with (None: model.path, the model before training)")
-    limit: int | None = Field(None, ge=1, description="Seeded random sample of N valid examples per file")
+    text: list[str] = Field(default_factory=list, description="Plain-text file(s) for perplexity (.txt, or JSONL "
+                            "with text_field)")
+    base: str | None = Field(None, description="sftlab run: model compared with (None: model.path, the model before "
+                             "training)")
+    limit: int | None = Field(None, ge=1, description="Seeded random sample of N valid examples per file (file order "
+                              "kept; text files: first N records)")
     general_limit: int | None = Field(None, ge=1, description="N questions per general file (None: limit)")
     question_field: str = Field("question", description="QA question field")
     answer_field: str = Field("answer", description="QA gold answer field (string or list)")
@@ -199,9 +204,21 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Generation budget for task data")
     qa_max_new_tokens: int = Field(32, ge=1, description="Generation budget for QA probes")
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch")
-    batch_tokens: int = Field(4096, ge=1, description="Padded tokens per NLL forward pass")
+    forward_batch_tokens: int = Field(4096, ge=1, description="Padded tokens per NLL forward pass")
+    max_labels: int = Field(20, ge=2, description="Most distinct references a task may have to be scored as a label "
+                            "set (accuracy)")
+    text_window: int = Field(1024, ge=2, description="Tokens per perplexity window of a text file")
+    text_field: str = Field("text", description="Record field holding the document in JSONL/JSON text files")
     bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the CIs")
     seed: int = Field(0, description="Seed for the samples, bootstrap and few-shot demonstrations")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if isinstance(data, dict) and "batch_tokens" in data:
+            raise ValueError("eval.batch_tokens is now eval.forward_batch_tokens (padded tokens per NLL forward "
+                             "pass); rename the key")
+        return data
 
 
 class RunConfig(Strict):

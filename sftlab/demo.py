@@ -1,7 +1,7 @@
 """`sftlab demo`: the whole cycle on the embedded data, as one `sftlab run` with a built-in config.
 
 Everything goes under the run directory (default `runs/demo/`): `data/` (the generated splits), then the
-runner's layout (`sftlab.runner`): `audit/` (what the base model already knows about the training
+run's layout (`sftlab.layout`): `audit/` (what the base model already knows about the training
 families, a small sample per family), `train/` (checkpoints, metrics, the tuned model), `eval/metrics.json`
 (tuned vs base on held-out instances and held-out families, exact match per family), `report.html`,
 `run.json`. The terminal shows the before/after exact match per family and generations side by side.
@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from . import layout
 from .config import RunConfig, load_config
 from .demo_data import FAMILIES, HELDOUT_TASKS, write_demo_data
 
@@ -65,7 +66,7 @@ def demo_generations(metrics: dict, n_show: int) -> list[dict]:
 
 def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", overrides: list[str] | None = None,
              console: Console | None = None, n_show: int = 6) -> dict:
-    from .runner import run_pipeline, summary_line
+    from .runner import run_pipeline, run_summary_line
 
     console = console or Console(stderr=True)
     out = Path(out_dir)
@@ -75,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", override
     console.print("demo data: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {escape(str(out / 'data'))}",
                   highlight=False)
     log = run_pipeline(demo_config(out, data, model, overrides or []), console, on_change="redo", summary=False)
-    metrics = json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((out / layout.EVAL_DIR / layout.EVAL_METRICS).read_text(encoding="utf-8"))
     scores = demo_scores(metrics)
     _print(scores["before"], scores["after"], demo_generations(metrics, n_show))
     wall = time.perf_counter() - t0
@@ -83,7 +84,7 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", override
     console.print(f"[green]done[/] demo in {wall / 60:.1f} min: held-out instances "
                   f"{b['heldout_instances']['mean']:.0%} -> {a['heldout_instances']['mean']:.0%}, held-out tasks "
                   f"{b['heldout_tasks']['mean']:.0%} -> {a['heldout_tasks']['mean']:.0%} exact match; "
-                  f"{escape(summary_line(log))} -> {escape(str(out))}", highlight=False, soft_wrap=True)
+                  f"{escape(run_summary_line(log))} -> {escape(str(out))}", highlight=False, soft_wrap=True)
     return {**scores, "stages": log["stages"], "wall_s": wall}
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .data.formats import Conversation, Message
-from .data.template import (ChatTemplate, Rendered, TemplateError, end_of_turn_ids, end_of_turn_text,
-                            generation_prompt, render_conversation, resolve_template)
+from .data.template import (ChatTemplate, Rendered, end_of_turn_ids, end_of_turn_text, generation_prompt,
+                            render_conversation, resolve_template)
 from .data.tokenize import encode_piecewise, protected_pattern
 
 Prompt = str | list[dict] | Conversation  # a user message, a message list, or a conversation
@@ -210,8 +210,8 @@ def stream_reply(model, tokenizer, messages: list[dict], tmpl: ChatTemplate, on_
 @dataclass
 class GenerateSummary:
     examples: int
+    with_reference: int  # examples whose dropped last assistant turn is the reference
     seconds: float
-    exact_match: float | None  # over examples that have a reference
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -231,16 +231,14 @@ def generate_file(inputs: list[str | Path], model_spec: str, out: Path, data_opt
     """Generate for every conversation in `inputs` and write one JSON line per example, atomically.
 
     Each line: {"index", "task", "prompt" (messages), "reference" (the dropped last assistant turn, or
-    null), "generation"}.
+    null), "generation"}. Records go through the data chain first (`encode_conversations` + `keep_examples`),
+    so a record training would reject is named (or, with `skip_invalid`, counted) here too.
     """
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
 
-    from .data.pipeline import DataOptions, DataReport, iter_conversations, total_records
-    from .io import atomic_write
-    from .data.validate import DataError
-    from .evaluate.metrics import exact_match
+    from .data.pipeline import (DataOptions, DataReport, encode_conversations, iter_conversations, keep_examples,
+                                total_records)
+    from .io import atomic_write, progress
     from .models import load_model, load_tokenizer
 
     console = console or Console(stderr=True)
@@ -250,44 +248,31 @@ def generate_file(inputs: list[str | Path], model_spec: str, out: Path, data_opt
     end_of_turn_text(tmpl)  # fail on a template that cannot render a reply before loading the model
     model = load_model(model_spec, dtype=dtype)
     report = DataReport()
-    n, hits, n_ref = 0, 0, 0
+    protected = protected_pattern(tokenizer)
+    n, n_ref = 0, 0
     t0 = time.perf_counter()
-    columns = (TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress, atomic_write(out) as f:
-        bar = progress.add_task("generate", total=total_records(inputs))
+    with progress("generate", console, unit="examples") as bars, atomic_write(out) as f:
+        bar = bars.add_task("generate", total=total_records(inputs))
+        convs = iter_conversations(inputs, data_opts, report, protected.findall)
+        no_length_limit = replace(data_opts.tokenize, max_length=None)  # a prompt is never truncated or dropped
+        encoded = encode_conversations(convs, tokenizer, tmpl, no_length_limit, protected)
+        valid = (conv for conv, _ in keep_examples(encoded, data_opts.skip_invalid, report))
         # Chunks keep memory bounded while still letting each chunk be sorted by length.
-        for chunk in _chunks(iter_conversations(inputs, data_opts, report), max(1, batch_size) * 16):
-            pairs = []
-            for conv in chunk:
-                prompt, ref = split_reference(conv)
-                try:
-                    generation_prompt(prompt.as_dicts(), tmpl)
-                except TemplateError as e:  # name the record, like the training data path does
-                    err = DataError(conv.where, "template", str(e))
-                    if not data_opts.skip_invalid:
-                        raise err from None
-                    report.invalid.add(err)
-                    continue
-                pairs.append((prompt, ref))
+        for chunk in _chunks(valid, max(1, batch_size) * 16):
+            pairs = [split_reference(conv) for conv in chunk]
             replies = generate(model, tokenizer, [p for p, _ in pairs], tmpl, max_new_tokens, do_sample,
                                temperature, top_p, batch_size, seed=None if n else seed,
-                               on_batch=lambda k: progress.advance(bar, k))
+                               on_batch=lambda k: bars.advance(bar, k))
             for (prompt, ref), reply in zip(pairs, replies):
                 row = {"index": n, "task": prompt.task, "prompt": prompt.as_dicts(), "reference": ref,
                        "generation": reply}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
-                if ref is not None:
-                    n_ref += 1
-                    hits += exact_match(reply, ref)
-        progress.update(bar, total=n, completed=n)
+                n_ref += ref is not None
+        bars.update(bar, total=n, completed=n)
     dt = time.perf_counter() - t0
-    summary = GenerateSummary(n, dt, hits / n_ref if n_ref else None)
     parts = [f"{n:,} examples", f"{n / max(dt, 1e-9):.2f} examples/s"]
-    if summary.exact_match is not None:
-        parts.append(f"exact match {summary.exact_match:.1%} of {n_ref:,} with references")
     if report.invalid.total:
         parts.append(f"{report.invalid.total:,} invalid skipped")
     console.print(f"[green]done[/] {'; '.join(parts)} -> {out}", highlight=False)
-    return summary
+    return GenerateSummary(n, n_ref, dt)

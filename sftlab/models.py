@@ -160,6 +160,19 @@ def _save_atomic(model, tokenizer, out: Path) -> Path:
     return out
 
 
+def base_of(model: str | os.PathLike) -> str:
+    """The base model of a peft adapter dir (its adapter_config.json) or of a model trained by sftlab (the
+    model.path of its sftlab_train_config.yaml)."""
+    import yaml
+
+    p = Path(model)
+    if (p / "adapter_config.json").is_file():
+        return json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if (p / "sftlab_train_config.yaml").is_file():
+        return yaml.safe_load((p / "sftlab_train_config.yaml").read_text())["model"]["path"]
+    raise ValueError(f"{model}: cannot tell its base model; pass --base")
+
+
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Fold a peft LoRA adapter into its base weights and save a plain HF model directory."""
     path = Path(adapter)

@@ -2,17 +2,16 @@
 
 The stages are the library functions behind the single commands (`run_audit`, `run_select`, `train`,
 `evaluate`, the HTML report), configured by the sections of one `RunConfig` (`audit`, `select`, `train`,
-`eval`, `report`). Layout of the run directory RUN (= `output_dir`):
+`eval`, `report`). The run directory RUN (= `output_dir`) holds every stage's directory, laid out in
+`sftlab.layout` (RUN/audit, RUN/select/train.jsonl, RUN/train, RUN/eval, RUN/report.html), and:
 
     RUN/config.yaml        the run's config, every key (defaults filled in)
     RUN/run.json           the stage log: {"stages": {stage: {status, settings, needs, id, started, finished,
                            wall_s, result}}}; status is "running" from a stage's start, "complete" only after
                            every output of the stage has been written
-    RUN/audit/             `sftlab audit` output: examples.jsonl, tasks.json, embeddings.npy, audit.json
-    RUN/select/train.jsonl the selected training set (+ train.summary.json); replaces data.train for training
-    RUN/train/             the training output dir: checkpoints/, metrics.jsonl, summary.json, model/ or adapter/
-    RUN/eval/              metrics.json, examples.jsonl: the tuned model vs its base (eval.base, else model.path)
-    RUN/report.html        one self-contained page with all of the above
+
+The selected training set replaces data.train for training; eval compares the tuned model with its base
+(eval.base, else model.path).
 
 Re-running resumes. For every stage, in order, the log decides:
 - complete, same settings, its input stages unchanged (same completion ids), outputs present: skipped;
@@ -42,6 +41,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from . import layout
 from .config import RunConfig, dump_config
 from .io import atomic_write
 
@@ -49,7 +49,7 @@ STAGES = ("audit", "select", "train", "eval", "report")
 COSTLY = ("audit", "train")  # a settings change is an error unless asked for: redoing them discards work
 DATA_KEYS = ("format", "template", "task_map", "task_field", "strip", "max_length", "truncation", "loss_on",
              "skip_invalid", "dedup")
-SELECT_FILE = "<RUN>/select/train.jsonl"  # how the selected file appears in the train stage's settings
+SELECT_FILE = f"<RUN>/{layout.SELECT_DIR}/{layout.SELECTED}"  # how the selected file appears in train's settings
 
 
 @dataclass
@@ -64,11 +64,11 @@ class Stage:
 
 # ---- paths and derived configs ------------------------------------------------------------------------------------
 def select_file(run_dir: Path) -> Path:
-    return run_dir / "select" / "train.jsonl"
+    return run_dir / layout.SELECT_DIR / layout.SELECTED
 
 
 def trained_model_dir(cfg: RunConfig, run_dir: Path) -> Path:
-    return run_dir / "train" / ("adapter" if cfg.lora.enabled else "model")
+    return layout.trained_model(run_dir / layout.TRAIN_DIR, cfg.lora.enabled)
 
 
 def train_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -77,7 +77,7 @@ def train_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
     if cfg.select.strategy:  # the selection is messages records with the (already stripped) task labels
         data = data.model_copy(update={"train": [str(select_file(run_dir))], "format": "messages",
                                        "task_field": "task", "task_map": None, "strip": []})
-    return cfg.model_copy(update={"output_dir": str(run_dir / "train"), "data": data})
+    return cfg.model_copy(update={"output_dir": str(run_dir / layout.TRAIN_DIR), "data": data})
 
 
 def _train_settings(tcfg: RunConfig, run_dir: Path) -> dict:
@@ -115,8 +115,8 @@ def _run_select(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
     from .select import run_select
 
     s = cfg.select
-    summary = run_select(run_dir / "audit", select_file(run_dir), s.strategy, s.budget, console, seed=s.seed,
-                         dup_threshold=s.dup_threshold)
+    summary = run_select(run_dir / layout.AUDIT_DIR, select_file(run_dir), s.strategy, s.budget, console,
+                         seed=s.seed, dup_threshold=s.dup_threshold)
     return {"strategy": s.strategy, "budget": summary["budget"], "kept": summary["kept"],
             "available": summary["available"]}
 
@@ -130,52 +130,23 @@ def _run_train(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
             "model_dir": str(trained_model_dir(cfg, run_dir))}
 
 
-def eval_result(m: dict) -> dict:
-    """The key numbers of an eval metrics.json: macro EM/NLL (all, seen, unseen) and QA EM, model and base."""
-    model, base = m["results"]["model"], m["results"].get("base")
-    out: dict = {"examples": m["data"]["examples"], "macro": {}, "qa": {}}
-    for k, v in (model.get("macro") or {}).items():
-        if v:
-            b = (base or {}).get("macro", {}).get(k) or {}
-            out["macro"][k] = {"tasks": v.get("tasks"), "exact_match": v["exact_match"], "nll": v["nll"],
-                               "base_exact_match": b.get("exact_match"), "base_nll": b.get("nll")}
-    for path, v in model["general"]["qa"].items():
-        b = (base or {}).get("general", {}).get("qa", {}).get(path) or {}
-        out["qa"][Path(path).name] = {"n": v["n"], "exact_match": v["exact_match"],
-                                      "base_exact_match": b.get("exact_match")}
-    return out
-
-
 def _run_eval(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
-    from .evaluate.run import EvalOptions, evaluate
+    from .evaluate.evaluate import evaluate, key_numbers
     from .train.loop import data_options
 
-    e = cfg.eval
-    opts = EvalOptions(model=str(trained_model_dir(cfg, run_dir)), out=run_dir / "eval", data=list(e.data),
-                       base=e.base or cfg.model.path, general=list(e.general), text=list(e.text), limit=e.limit,
-                       general_limit=e.general_limit, question_field=e.question_field, answer_field=e.answer_field,
-                       qa_prompt=e.qa_prompt, few_shot=e.few_shot, generations=e.generations,
-                       max_new_tokens=e.max_new_tokens, qa_max_new_tokens=e.qa_max_new_tokens,
-                       batch_size=e.batch_size, batch_tokens=e.batch_tokens, bootstrap=e.bootstrap, seed=e.seed,
-                       dtype=cfg.model.dtype, data_opts=data_options(cfg))
-    return eval_result(evaluate(opts, console))
+    metrics = evaluate(cfg.eval, str(trained_model_dir(cfg, run_dir)), run_dir / layout.EVAL_DIR, data_options(cfg),
+                       base=cfg.eval.base or cfg.model.path, dtype=cfg.model.dtype, console=console)
+    return key_numbers(metrics)
 
 
 def _run_report(cfg: RunConfig, run_dir: Path, console: Console, parts: tuple[str, ...]) -> dict:
-    """The HTML report of this run: training log from RUN/train, audit and eval from their stage dirs."""
-    from .report.html import Run, load_run, render_report
+    """The HTML report of this run: the parts (stages) of this run's plan, read from their stage dirs."""
+    from .report.html import load_run, render_report
 
-    run = Run(run_dir.resolve().name, run_dir)
-    if "train" in parts:
-        t = load_run(run_dir / "train")
-        run.summary, run.train_log = t.summary, t.train_log
-    if "audit" in parts:
-        a = load_run(run_dir / "audit")
-        run.audit_tasks, run.audit_rows = a.audit_tasks, a.audit_rows
-    if "eval" in parts:
-        run.eval = load_run(run_dir / "eval").eval
+    run = load_run(run_dir, parts)
+    run.name = run_dir.resolve().name
     page = render_report([run], cfg.eval.generations)
-    out = run_dir / "report.html"
+    out = run_dir / layout.REPORT_FILE
     with atomic_write(out) as f:
         f.write(page)
     console.print(f"[green]done[/] report, {len(page.encode()) / 1024:,.0f} KiB -> {escape(str(out))}",
@@ -194,30 +165,31 @@ def plan(cfg: RunConfig, console: Console | None = None) -> list[Stage]:
                          "(or remove select.strategy)")
     stages = []
     if cfg.audit.enabled:
-        d = run_dir / "audit"
+        d = run_dir / layout.AUDIT_DIR
         stages.append(Stage(
             "audit", {"data": list(cfg.data.train), **_data_settings(cfg), "model": cfg.model.path,
                       **cfg.audit.model_dump(mode="json", exclude={"enabled"})},
-            (), (d / "examples.jsonl", d / "tasks.json", d / "embeddings.npy"), (d,),
+            (), layout.audit_outputs(d), (d,),
             lambda: _run_audit(cfg, run_dir, console)))
     if cfg.select.strategy:
         f = select_file(run_dir)
         stages.append(Stage("select", cfg.select.model_dump(mode="json"), ("audit",),
-                            (f, f.with_name("train.summary.json")), (f.parent,),
+                            (f, layout.selection_summary(f)), (f.parent,),
                             lambda: _run_select(cfg, run_dir, console)))
-    tcfg = train_config(cfg, run_dir)
+    tcfg, t = train_config(cfg, run_dir), run_dir / layout.TRAIN_DIR
     stages.append(Stage("train", _train_settings(tcfg, run_dir), ("select",) if cfg.select.strategy else (),
-                        (run_dir / "train" / "summary.json", trained_model_dir(cfg, run_dir)), (run_dir / "train",),
+                        (t / layout.TRAIN_SUMMARY, trained_model_dir(cfg, run_dir)), (t,),
                         lambda: _run_train(cfg, run_dir, console)))
     if eval_enabled(cfg):
         stages.append(Stage("eval", {**cfg.eval.model_dump(mode="json"), "base": cfg.eval.base or cfg.model.path,
                                      "dtype": cfg.model.dtype, "data_options": _data_settings(cfg)},
-                            ("train",), (run_dir / "eval" / "metrics.json",), (run_dir / "eval",),
+                            ("train",), (run_dir / layout.EVAL_DIR / layout.EVAL_METRICS,), (run_dir / layout.EVAL_DIR,),
                             lambda: _run_eval(cfg, run_dir, console)))
     if cfg.report:
         parts = tuple(s.name for s in stages if s.name in ("audit", "train", "eval"))
-        stages.append(Stage("report", {"generations": cfg.eval.generations}, parts, (run_dir / "report.html",),
-                            (run_dir / "report.html",), lambda: _run_report(cfg, run_dir, console, parts)))
+        page = run_dir / layout.REPORT_FILE
+        stages.append(Stage("report", {"generations": cfg.eval.generations}, parts, (page,), (page,),
+                            lambda: _run_report(cfg, run_dir, console, parts)))
     return stages
 
 
@@ -256,7 +228,7 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 
 def _leftover_train_config(stage: Stage, run_dir: Path) -> list[str]:
     """Keys in which a training dir left without a log entry (an older run, a deleted run.json) differs."""
-    path = run_dir / "train" / "config.yaml"
+    path = run_dir / layout.TRAIN_DIR / layout.TRAIN_CONFIG
     if not path.is_file():
         return []
     try:
@@ -363,7 +335,7 @@ def run_pipeline(cfg: RunConfig, console: Console | None = None, from_stage: str
         write_log(run_dir, log)
     if summary:
         console.rule()
-        console.print(f"[green]done[/] {escape(summary_line(log, [s.name for s in stages]))} "
+        console.print(f"[green]done[/] {escape(run_summary_line(log, [s.name for s in stages]))} "
                       f"(this call {(time.perf_counter() - t0) / 60:.1f} min) -> {escape(str(run_dir))}",
                       highlight=False, soft_wrap=True)
     return log
@@ -402,7 +374,7 @@ def stage_summary(name: str, r: dict) -> str:
     return name
 
 
-def summary_line(log: dict, names: list[str] | None = None) -> str:
+def run_summary_line(log: dict, names: list[str] | None = None) -> str:
     """One line with the key numbers of every complete stage (of `names`, default all)."""
     parts = []
     for name in names or STAGES:
@@ -412,5 +384,5 @@ def summary_line(log: dict, names: list[str] | None = None) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["STAGES", "Stage", "plan", "decide", "run_pipeline", "read_log", "summary_line", "stage_summary",
-           "train_config", "eval_result", "trained_model_dir"]
+__all__ = ["STAGES", "Stage", "plan", "decide", "run_pipeline", "read_log", "run_summary_line", "stage_summary",
+           "train_config", "trained_model_dir"]

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
+from . import layout
 from .io import atomic_write
 
 STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse")
@@ -170,13 +171,13 @@ def select_diverse(rows: list[dict], embeddings: np.ndarray, budget: int, thresh
         raise ValueError(f"embeddings.npy has {len(embeddings)} rows for {len(rows)} examples; rerun the audit")
     tick = None
     if progress is not None:
-        bar = progress.add_task("near-duplicates", total=len(rows))
+        bar = progress.add_task("near-duplicates", total=len(rows), info="near-duplicates")
         tick = lambda: progress.advance(bar)  # noqa: E731
     dup = near_duplicates([conversation_text(r) for r in rows], threshold, on_item=tick)
     dropped = {rows[i]["index"]: "near_duplicate" for i in dup}
     keep = [i for i in range(len(rows)) if i not in dup]
     if progress is not None:
-        bar = progress.add_task("k-center", total=max(min(budget, len(keep)) - 1, 0))
+        bar = progress.add_task("k-center", total=max(min(budget, len(keep)) - 1, 0), info="k-center")
         tick = lambda: progress.advance(bar)  # noqa: E731
     picked = k_center_greedy(embeddings[keep], budget, on_pick=tick)
     chosen = [rows[keep[j]] for j in picked]
@@ -186,7 +187,7 @@ def select_diverse(rows: list[dict], embeddings: np.ndarray, budget: int, thresh
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
-def summarize_selection(rows: list[dict], chosen: list[dict], dropped: dict[int, str]) -> dict:
+def summarise_selection(rows: list[dict], chosen: list[dict], dropped: dict[int, str]) -> dict:
     tasks: dict = defaultdict(lambda: {"available": 0, "kept": 0, "dropped": Counter()})
     kept = {r["index"] for r in chosen}
     for r in rows:
@@ -201,10 +202,6 @@ def summarize_selection(rows: list[dict], chosen: list[dict], dropped: dict[int,
 
 def output_record(row: dict) -> dict:
     return {"messages": row["messages"], "task": row["task"], "audit_index": row["index"]}
-
-
-def summary_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".summary.json")
 
 
 def select(audit_dir: str | Path, strategy: str, budget: str | int, seed: int = 0, dup_threshold: float = 0.8,
@@ -223,14 +220,14 @@ def select(audit_dir: str | Path, strategy: str, budget: str | int, seed: int = 
     elif strategy == "task-balanced":
         chosen, dropped = select_task_balanced(rows, n, seed)
     else:
-        npy = Path(audit_dir) / "embeddings.npy"
+        npy = Path(audit_dir) / layout.AUDIT_EMBEDDINGS
         if not npy.is_file():
             raise FileNotFoundError(f"{npy}: missing; the diverse strategy needs the audit's embeddings")
         chosen, dropped = select_diverse(rows, np.load(npy), n, dup_threshold, progress)
     chosen = sorted(chosen, key=lambda r: r["index"])
     summary = {"audit_dir": str(audit_dir), "strategy": strategy, "budget": n, "budget_arg": str(budget),
                "seed": seed, "available": len(rows), "kept": len(chosen),
-               "dropped": dict(Counter(dropped.values())), "tasks": summarize_selection(rows, chosen, dropped)}
+               "dropped": dict(Counter(dropped.values())), "tasks": summarise_selection(rows, chosen, dropped)}
     if strategy == "diverse":
         summary["dup_threshold"] = dup_threshold
     return chosen, summary
@@ -249,17 +246,17 @@ def print_selection(summary: dict, console: Console) -> None:
 def run_select(audit_dir: str | Path, out: str | Path, strategy: str, budget: str | int,
                console: Console | None = None, seed: int = 0, dup_threshold: float = 0.8,
                table: Console | None = None) -> dict:
+    from .io import progress
+
     console = console or Console(stderr=True)
     out = Path(out)
-    columns = (TextColumn("[bold]select {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        chosen, summary = select(audit_dir, strategy, budget, seed, dup_threshold, progress)
+    with progress("select", console) as bars:
+        chosen, summary = select(audit_dir, strategy, budget, seed, dup_threshold, bars)
     with atomic_write(out) as f:
         for r in chosen:
             f.write(json.dumps(output_record(r), ensure_ascii=False) + "\n")
     summary["out"] = str(out)
-    with atomic_write(summary_path(out)) as f:
+    with atomic_write(layout.selection_summary(out)) as f:
         json.dump(summary, f, indent=2)
     print_selection(summary, table or (Console(quiet=True) if console.quiet else Console()))
     drops = ", ".join(f"{v:,} {k}" for k, v in sorted(summary["dropped"].items())) or "none"

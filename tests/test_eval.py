@@ -1,4 +1,4 @@
-"""Evaluation: task splits, answer metrics, paired bootstrap, NLL scoring and the `sftlab eval` output."""
+"""Evaluation: task items and metrics, NLL scoring and the `sftlab eval` output."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from rich.console import Console
 
 from conftest import make_tiny_llama
 from sftlab.data.pipeline import DataOptions
-from sftlab.evaluate import generalization as gz
+from sftlab.evaluate import generalization
 from sftlab.evaluate.scoring import Nll
-from sftlab.evaluate.metrics import exact_match, label_set, paired_bootstrap_ci, predict_label, rouge_l
 
 
 def quiet() -> Console:
@@ -25,178 +24,37 @@ def write_jsonl(path, rows):
     return path
 
 
-# ---- splits ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def task_files(tmp_path):
-    """Three files = three tasks (via a task map with clusters); task `alpha` has a duplicated record."""
-    d = tmp_path / "data"
-    d.mkdir()
-    for stem in ("alpha_t1", "beta_t1", "gamma_t1"):
-        rows = [{"prompt": f"{stem} question {i}?", "completion": f"answer {i % 3}"} for i in range(10)]
-        if stem == "alpha_t1":
-            rows.append(dict(rows[0]))
-        write_jsonl(d / f"{stem}.jsonl", rows)
-    task_map = tmp_path / "tasks.json"
-    task_map.write_text(json.dumps({
-        "alpha_t1": {"task": "alpha", "cluster": "qa"}, "beta_t1": {"task": "beta", "cluster": "qa"},
-        "gamma_t1": {"task": "gamma", "cluster": "sentiment"}}))
-    return d, task_map
-
-
-def read_split(out):
-    return {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
-            for name in gz.SPLITS}
-
-
-def key(rec):
-    return json.dumps(rec["messages"], sort_keys=True)
-
-
-def test_split_cluster_disjoint_and_deterministic(task_files, tmp_path):
-    d, task_map = task_files
-    opts = DataOptions(task_map=str(task_map))
-    split = gz.SplitOptions(holdout_cluster=("sentiment",), instance_fraction=0.3, seed=1)
-    summary = gz.write_split([d], opts, split, tmp_path / "s1", quiet())
-    out = read_split(tmp_path / "s1")
-    assert {r["task"] for r in out["heldout-tasks"]} == {"gamma"}
-    assert {r["task"] for r in out["train"]} == {"alpha", "beta"}
-    assert {r["task"] for r in out["heldout-instances"]} <= {"alpha", "beta"}
-    # no conversation in two splits (the duplicated alpha record stays on one side)
-    keys = {name: {key(r) for r in rows} for name, rows in out.items()}
-    assert not keys["train"] & keys["heldout-instances"]
-    assert not keys["train"] & keys["heldout-tasks"]
-    assert sum(len(v) for v in out.values()) == 31
-    # 30 % of each remaining task's 10 distinct conversations
-    assert summary["per_task"]["alpha"]["heldout-instances"] == 3
-    assert summary["per_task"]["beta"]["heldout-instances"] == 3
-    assert summary["heldout_tasks"] == ["gamma"] and summary["clusters"]["gamma"] == "sentiment"
-    assert json.loads((tmp_path / "s1" / "split.json").read_text())["counts"] == summary["counts"]
-    # same seed -> same files; other seed -> other held-out instances
-    gz.write_split([d], opts, split, tmp_path / "s2", quiet())
-    assert read_split(tmp_path / "s2") == out
-    gz.write_split([d], opts, gz.SplitOptions(holdout_cluster=("sentiment",), instance_fraction=0.3, seed=2),
-                   tmp_path / "s3", quiet())
-    assert {key(r) for r in read_split(tmp_path / "s3")["heldout-instances"]} != keys["heldout-instances"]
-
-
-def test_split_named_and_fraction_and_read_back(task_files, tmp_path, tokenizer):
-    d, task_map = task_files
-    opts = DataOptions(task_map=str(task_map))
-    gz.write_split([d], opts, gz.SplitOptions(holdout=("beta",), instance_fraction=0.0), tmp_path / "n", quiet())
-    out = read_split(tmp_path / "n")
-    assert {r["task"] for r in out["heldout-tasks"]} == {"beta"} and out["heldout-instances"] == []
-    s = gz.write_split([d], opts, gz.SplitOptions(holdout_fraction=0.34, seed=0), tmp_path / "f", quiet())
-    assert len(s["heldout_tasks"]) == 1 and s["heldout_tasks"][0] not in s["train_tasks"]
-    # the written files read back through the data layer with their task labels
-    items = gz.load_task_items([tmp_path / "n" / "heldout-tasks.jsonl"], tokenizer, DataOptions(task_field="task"))
-    assert {it.task for it in items} == {"beta"} and len(items) == 10
-
-
-def test_split_errors(task_files, tmp_path):
-    d, task_map = task_files
-    with pytest.raises(ValueError, match="no such task"):
-        gz.write_split([d], DataOptions(task_map=str(task_map)), gz.SplitOptions(holdout=("delta",)),
-                       tmp_path / "e", quiet())
-    with pytest.raises(ValueError, match="needs a --task-map"):
-        gz.write_split([d], DataOptions(), gz.SplitOptions(holdout_cluster=("qa",)), tmp_path / "e", quiet())
-    with pytest.raises(ValueError, match="every task would be held out"):
-        gz.write_split([d], DataOptions(task_map=str(task_map)),
-                       gz.SplitOptions(holdout_cluster=("qa", "sentiment")), tmp_path / "e", quiet())
-
-
-def test_split_cli(task_files, tmp_path):
-    from typer.testing import CliRunner
-
-    from sftlab.cli import app
-
-    d, task_map = task_files
-    args = ["data", "split", str(d), "--task-map", str(task_map), "--out", str(tmp_path / "c")]
-    r = CliRunner().invoke(app, args + ["--holdout", "alpha,gamma", "--instance-fraction", "0.2", "--seed", "5"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "c" / "split.json").read_text())["heldout_tasks"] == ["alpha", "gamma"]
-    assert "train 8, heldout-instances 2, heldout-tasks 21" in r.output.replace("\n", " ")
-    r = CliRunner().invoke(app, args + ["--holdout-cluster", "nope"])
-    assert r.exit_code == 1 and "--holdout-cluster nope" in r.output
-
-
-# ---- metrics ----------------------------------------------------------------------------------------------------
-def test_answer_metrics():
-    assert exact_match("  The Eiffel-Tower. ", "the eiffeltower")
-    assert exact_match("Paris!", ["London", "paris"])
-    assert not exact_match("Paris is the answer", "Paris")
-    # LCS("the cat sat on the mat", "the cat on the mat") = 5 tokens: P = 1, R = 5/6
-    assert rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
-    assert rouge_l("dog", "the cat") == 0.0
-    # numbers keep sign and decimal point; other punctuation goes
-    assert not exact_match("-5", "5") and exact_match("\u221212", "-12") and exact_match("x: -5.", "x -5")
-    assert not exact_match("3.5", "35") and exact_match("3.5 km.", "3.5 km") and exact_match("1,000", "1000")
-    # any script: rouge-score's own tokenizer keeps only [a-z0-9] (non-Latin text scored 0); CJK per character
-    assert rouge_l("Привет, мир", "привет мир") == 1.0
-    assert rouge_l("我爱北京", "我爱上海") == pytest.approx(0.5)
-    from rouge_score import rouge_scorer  # ASCII: the same as rouge-score's default
-
-    ref = rouge_scorer.RougeScorer(["rougeL"]).score("It's 5 o'clock, the cat_sat!", "its 5 oclock the cat sat")
-    assert rouge_l("its 5 oclock the cat sat", "It's 5 o'clock, the cat_sat!") == pytest.approx(ref["rougeL"].fmeasure)
-
-
-def test_label_set_and_accuracy():
-    assert label_set(["Positive", "negative", "positive.", "Negative"]) == ["negative", "positive"]
-    assert label_set(["a long free answer", "another one"]) is None  # distinct > n / 2
-    assert label_set(["yes"] * 10) is None  # one label: nothing to classify
-    assert label_set([str(i % 21) for i in range(100)]) is None  # 21 labels > 20
-    labels = ["negative", "positive"]
-    assert predict_label("Positive.", labels) == "positive"
-    assert predict_label("I think it is negative, not positive", labels) == "negative"
-    assert predict_label("neutral", labels) is None
-
-
+# ---- task items ------------------------------------------------------------------------------------------------
 def test_limit_is_seeded_sample_in_file_order(tmp_path, tokenizer):
     # sorted by label, as many real files are: the first 6 would all be "negative"
     rows = [{"prompt": f"review {i}", "completion": "negative" if i < 20 else "positive"} for i in range(40)]
     path = write_jsonl(tmp_path / "sorted.jsonl", rows)
-    a = gz.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
-    b = gz.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
-    c = gz.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=1)
+    a = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
+    b = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
+    c = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=1)
     lines = [int(it.where.rsplit(":", 1)[1]) for it in a]
     assert len(a) == 6 and lines == sorted(lines) and [it.where for it in b] == [it.where for it in a]
     assert [it.where for it in c] != [it.where for it in a]
     assert {it.reference for it in a} == {"negative", "positive"}
     assert all(it.example.input_ids == full.example.input_ids for it in a
-               for full in gz.load_task_items([path], tokenizer, DataOptions()) if full.where == it.where)
+               for full in generalization.load_task_items([path], tokenizer, DataOptions()) if full.where == it.where)
 
 
 def test_score_task_rows_accuracy(tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": f"review {i}"},
                           {"role": "assistant", "content": "positive" if i % 2 else "negative"}], "task": "sent"}
             for i in range(4)]
-    items = gz.load_task_items([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, DataOptions(task_field="task"))
-    labels = gz.task_label_sets(items)
+    items = generalization.load_task_items([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, DataOptions(task_field="task"))
+    labels = generalization.task_label_sets(items)
     assert labels == {"sent": ["negative", "positive"]}
     nlls = [Nll(2.0, 2)] * 4
     gens = ["It is positive.", "positive", "negative", "no idea"]  # references: neg, pos, neg, pos
-    scored = gz.score_task_rows(items, nlls, gens, labels)
+    scored = generalization.score_task_rows(items, nlls, gens, labels)
     assert [r["correct"] for r in scored] == [0.0, 1.0, 1.0, 0.0]
     assert [r["exact_match"] for r in scored] == [0.0, 1.0, 1.0, 0.0]
-    summary = gz.summarise_tasks(scored, training_tasks=["other"])
+    summary = generalization.summarise_tasks(scored, training_tasks=["other"])
     assert summary["tasks"]["sent"]["accuracy"] == 0.5 and summary["tasks"]["sent"]["seen"] is False
     assert summary["macro"]["seen"] is None and summary["macro"]["unseen"]["accuracy"] == 0.5
-
-
-def test_paired_bootstrap():
-    assert paired_bootstrap_ci([1.0, 2.0, 5.0], [1.0, 2.0, 5.0]) == (0.0, 0.0, 0.0)
-    d, lo, hi = paired_bootstrap_ci([1.0, 2.0, 5.0], [1.5, 2.5, 5.5])
-    assert d == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
-    base, tuned = [0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 1, 0]
-    d, lo, hi = paired_bootstrap_ci(base, tuned, n_resamples=2000, seed=3)
-    assert d == pytest.approx(4 / 6) and 0 <= lo < d < hi <= 1
-    assert paired_bootstrap_ci(base, tuned, n_resamples=2000, seed=3) == (d, lo, hi)  # seeded
-    # macro over groups: mean of per-group means (1/2 and 1), not the pooled mean
-    d, _, _ = paired_bootstrap_ci([0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1], groups=list("aaaabb"))
-    assert d == pytest.approx((3 / 4 + 1) / 2)
-    d, _, _ = paired_bootstrap_ci([1, 1], [2, 4], weights=[1, 3])
-    assert d == pytest.approx((1 * 1 + 3 * 3) / 4)
-    with pytest.raises(ValueError):
-        paired_bootstrap_ci([1, 2], [1])
 
 
 # ---- NLL scoring --------------------------------------------------------------------------------------------------
@@ -213,7 +71,7 @@ def test_nll_matches_plain_transformers(tmp_path, tokenizer, tiny_model):
         [{"role": "user", "content": "Say <|im_end|> please"}, {"role": "assistant", "content": "No thanks, friend."}],
     ]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": m} for m in convs[:2]])
-    items = gz.load_task_items([path], tokenizer, DataOptions())
+    items = generalization.load_task_items([path], tokenizer, DataOptions())
     nlls = example_nll(tiny_model, [it.example for it in items], tokenizer.pad_token_id, batch_tokens=4096)
     for it, got, msgs in zip(items, nlls, convs):
         prefix = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
@@ -231,12 +89,13 @@ def test_nll_matches_plain_transformers(tmp_path, tokenizer, tiny_model):
         assert got.tokens == len(r_ids)
         assert got.mean == pytest.approx(ref, rel=1e-5, abs=1e-5)
     # a third example in the same batch does not change the others (padding is masked)
-    from sftlab.evaluate.scoring import tokenize_conversations
     from sftlab.data.formats import Conversation, Message
+    from sftlab.data.pipeline import encode_conversations
     from sftlab.data.template import resolve_template
 
-    extra = tokenize_conversations([Conversation([Message(m["role"], m["content"]) for m in convs[2]])], tokenizer,
-                                   resolve_template("default", tokenizer), DataOptions().tokenize)
+    extra = [ex for _, ex in encode_conversations([Conversation([Message(m["role"], m["content"]) for m in convs[2]])],
+                                                  tokenizer, resolve_template("default", tokenizer),
+                                                  DataOptions().tokenize)]
     both = example_nll(tiny_model, [it.example for it in items] + extra, tokenizer.pad_token_id)
     assert [n.mean for n in both[:2]] == pytest.approx([n.mean for n in nlls], rel=1e-5)
     with torch.no_grad():
@@ -266,15 +125,15 @@ def eval_inputs(tmp_path, tokenizer):
 
 def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     """Same weights as base: every delta is exactly 0 and every CI contains 0; the schema is complete."""
-    from sftlab.evaluate.run import EvalOptions, evaluate
+    from sftlab.config import EvalConfig
+    from sftlab.evaluate.evaluate import evaluate
 
     run, data, qa, text = eval_inputs
     out = tmp_path / "eval"
-    opts = EvalOptions(model=str(run / "model"), base=str(tiny_model_dir), out=out, data=[str(data)],
-                       general=[str(qa)], text=[str(text)], question_field="q", answer_field="golds", few_shot=1,
-                       max_new_tokens=3, qa_max_new_tokens=3, bootstrap=200, text_window=32, generations=3,
-                       data_opts=DataOptions(task_field="task"))
-    m = evaluate(opts, quiet())
+    cfg = EvalConfig(data=[str(data)], general=[str(qa)], text=[str(text)], question_field="q", answer_field="golds",
+                     few_shot=1, max_new_tokens=3, qa_max_new_tokens=3, bootstrap=200, text_window=32, generations=3)
+    m = evaluate(cfg, str(run / "model"), out, DataOptions(task_field="task"), base=str(tiny_model_dir),
+                 console=quiet())
     assert m == json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"schema_version", "created", "wall_s", "model", "base", "template", "options", "training_tasks",
                       "data", "results", "deltas", "few_shot", "generations"}
@@ -316,15 +175,15 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
 
 def test_eval_gold_nll_is_min_over_golds(eval_inputs, tokenizer, tiny_model):
     from sftlab.data.template import resolve_template
-    from sftlab.evaluate import forgetting as fg
+    from sftlab.evaluate import forgetting
     from sftlab.evaluate.scoring import example_nll
 
     _, _, qa, _ = eval_inputs
     tmpl = resolve_template("default", tokenizer)
-    items = fg.read_qa([qa], tokenizer, tmpl, "q", "golds")
+    items = forgetting.read_qa([qa], tokenizer, tmpl, "q", "golds")
     assert [len(it.gold) for it in items] == [2, 1, 1]
     flat = example_nll(tiny_model, [ex for it in items for ex in it.gold], tokenizer.pad_token_id)
-    got = fg.min_gold_nll(items, flat)
+    got = forgetting.min_gold_nll(items, flat)
     assert got[0] == min(flat[0].mean, flat[1].mean) and got[1] == flat[2].mean
     # the scored tokens are the answer plus <|im_end|>
     assert flat[2].tokens == len(tokenizer("5<|im_end|>", add_special_tokens=False).input_ids)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from ..data.formats import Conversation, Message
 from ..data.load import expand_paths, read_records
+from ..data.pipeline import DataReport, encode_conversations, keep_examples
 from ..data.tokenize import Example, TokenizeOptions
 from ..data.validate import DataError, InvalidLog, Location
 from .metrics import contains_answer, exact_match
-from .scoring import tokenize_conversations
 
 
 @dataclass
@@ -94,7 +94,9 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
         for where, question, answers in records:
             prompt = prompt_format.replace("{question}", question)
             convs = [Conversation([Message("user", prompt), Message("assistant", a)], None, where) for a in answers]
-            gold = [ex for ex in tokenize_conversations(convs, tokenizer, tmpl, tok_opts) if isinstance(ex, Example)]
+            # a gold answer the length policy drops (or that fails to render) is not a usable gold answer
+            encoded = encode_conversations(convs, tokenizer, tmpl, tok_opts)
+            gold = [ex for _, ex in keep_examples(encoded, True, DataReport())]
             if not gold:
                 e = DataError(where, "template", "no gold answer could be tokenized as a response")
                 if not skip_invalid:

@@ -1,11 +1,5 @@
-"""Generalisation: task splits (held-out tasks, held-out instances) and per-task metrics.
-
-Splits (`sftlab data split`): conversations are grouped by task (the data layer's task label: task map,
-task field or file stem). Held-out tasks (named, whole clusters from a task map with `cluster`, or a
-seeded random fraction of tasks) go entirely to `heldout-tasks`; of every other task a seeded
-`instance_fraction` of its distinct conversations goes to `heldout-instances`, the rest to `train`.
-Identical conversations always land in the same split, and a held-out conversation identical to a
-training one (e.g. the same text under two tasks) is removed from the held-out side and counted.
+"""Generalisation: per-task metrics on task data (held-out instances and held-out tasks, as written by
+`sftlab data split`, see `sftlab.data.split`), their deltas and the few-shot prompting baseline.
 
 Task metrics, per evaluated example (the last assistant turn is the reference, the messages before it
 the prompt):
@@ -29,167 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.formats import Conversation, Message
+from .. import layout
+from ..data.fewshot import shot_conversation
+from ..data.formats import Conversation
 from ..data.load import expand_paths
-from ..data.pipeline import DataOptions, DataReport, iter_conversations, iter_examples
+from ..data.pipeline import (DataOptions, DataReport, encode_conversations, iter_conversations, iter_examples,
+                             keep_examples)
 from ..data.template import resolve_template
-from ..data.tokenize import Dropped, Example, protected_pattern
-from ..data.validate import DataError
-from .scoring import tokenize_conversations
+from ..data.tokenize import Example, protected_pattern
 from .metrics import exact_match, label_set, normalise_answer, paired_bootstrap_ci, predict_label, rouge_l
 
-SPLITS = ("train", "heldout-instances", "heldout-tasks")
 METRICS = ("nll", "exact_match", "rouge_l", "accuracy")
-LOWER_IS_BETTER = {"nll", "gold_nll", "perplexity"}
-
-
-# ---- splits ---------------------------------------------------------------------------------------------------
-@dataclass
-class SplitOptions:
-    by: str = "task"
-    holdout: tuple[str, ...] = ()  # task names
-    holdout_cluster: tuple[str, ...] = ()  # cluster names (task map entries with "cluster")
-    holdout_fraction: float | None = None  # share of tasks held out, chosen with `seed`
-    instance_fraction: float = 0.1  # share of each remaining task's examples in heldout-instances
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.by != "task":
-            raise ValueError(f"--by {self.by!r}: only 'task' is supported")
-        if self.holdout_fraction is not None and not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
-        if not 0.0 <= self.instance_fraction < 1.0:
-            raise ValueError(f"--instance-fraction must be in [0, 1), got {self.instance_fraction}")
-        self.holdout, self.holdout_cluster = tuple(self.holdout), tuple(self.holdout_cluster)
-
-
-def load_clusters(task_map: str | None) -> dict[str, str]:
-    """task -> cluster from a task map whose entries are objects with "task" and "cluster"."""
-    if not task_map:
-        return {}
-    data = json.loads(Path(task_map).read_text(encoding="utf-8"))
-    clusters: dict[str, str] = {}
-    for stem, v in data.items():
-        if isinstance(v, dict) and isinstance(v.get("cluster"), str):
-            task = v.get("task", stem)
-            if clusters.setdefault(task, v["cluster"]) != v["cluster"]:
-                raise ValueError(f"{task_map}: task {task!r} is in clusters {clusters[task]!r} and {v['cluster']!r}")
-    return clusters
-
-
-def choose_heldout_tasks(tasks: list[str], clusters: dict[str, str], opts: SplitOptions) -> set[str]:
-    """The held-out tasks: named ones, whole clusters, and a seeded random fraction of the rest (union)."""
-    known = set(tasks)
-    unknown = [t for t in opts.holdout if t not in known]
-    if unknown:
-        raise ValueError(f"--holdout {','.join(unknown)}: no such task in the data (tasks: "
-                         f"{', '.join(sorted(known)[:40])}{' ...' if len(known) > 40 else ''})")
-    held = set(opts.holdout)
-    if opts.holdout_cluster:
-        if not clusters:
-            raise ValueError("--holdout-cluster needs a --task-map whose entries carry a 'cluster'")
-        present = {clusters[t] for t in tasks if t in clusters}
-        missing = [c for c in opts.holdout_cluster if c not in present]
-        if missing:
-            raise ValueError(f"--holdout-cluster {','.join(missing)}: no task of the data is in it "
-                             f"(clusters: {', '.join(sorted(present))})")
-        held |= {t for t in tasks if clusters.get(t) in opts.holdout_cluster}
-    if opts.holdout_fraction:
-        rest = sorted(known - held)
-        k = max(0, max(1, round(opts.holdout_fraction * len(known))) - len(held))
-        held |= set(random.Random(opts.seed).sample(rest, min(k, len(rest))))
-    if held == known:
-        raise ValueError("every task would be held out; nothing is left to train on")
-    return held
-
-
-def split_conversations(convs: list[Conversation], held_tasks: set[str], instance_fraction: float,
-                        seed: int) -> tuple[dict[str, list[Conversation]], int]:
-    """Assign each conversation to a split (input order kept); returns the splits and the number of
-    held-out conversations removed because the same conversation is in train."""
-    by_task: dict[str, list[tuple]] = defaultdict(list)
-    for c in convs:
-        by_task[str(c.task)].append(c.key())
-    held_instances: set[tuple] = set()
-    for task, keys in by_task.items():
-        if task in held_tasks or instance_fraction <= 0:
-            continue
-        distinct = list(dict.fromkeys(keys))
-        if len(distinct) < 2:
-            continue
-        random.Random(f"{seed}:{task}").shuffle(distinct)
-        k = min(len(distinct) - 1, max(1, round(instance_fraction * len(distinct))))
-        held_instances |= {(task, key) for key in distinct[:k]}
-    out: dict[str, list[Conversation]] = {s: [] for s in SPLITS}
-    for c in convs:
-        task = str(c.task)
-        name = "heldout-tasks" if task in held_tasks else (
-            "heldout-instances" if (task, c.key()) in held_instances else "train")
-        out[name].append(c)
-    train_keys = {c.key() for c in out["train"]}
-    removed = 0
-    for name in ("heldout-instances", "heldout-tasks"):
-        kept = [c for c in out[name] if c.key() not in train_keys]
-        removed += len(out[name]) - len(kept)
-        out[name] = kept
-    return out, removed
-
-
-def conversation_record(conv: Conversation) -> dict:
-    """Messages-format record with the task label (read back with `--task-field task`)."""
-    msgs = []
-    for m in conv.messages:
-        d = {"role": m.role, "content": m.content}
-        if m.train is not None:
-            d["train"] = m.train
-        msgs.append(d)
-    return {"messages": msgs, "task": conv.task}
-
-
-def write_split(inputs: list[str], data_opts: DataOptions, opts: SplitOptions, out_dir: Path, console) -> dict:
-    """Read, split and write `train.jsonl`, `heldout-instances.jsonl`, `heldout-tasks.jsonl` and `split.json`."""
-    from ..data.pipeline import record_progress
-    from ..io import atomic_write
-
-    report = DataReport()
-    with record_progress(inputs, console, "split") as tick:
-        convs = list(iter_conversations(inputs, data_opts, report, on_record=tick))
-    if not convs:
-        raise ValueError(f"{', '.join(map(str, inputs))}: no valid records to split")
-    clusters = load_clusters(data_opts.task_map)
-    tasks = sorted({str(c.task) for c in convs})
-    held = choose_heldout_tasks(tasks, clusters, opts)
-    splits, removed = split_conversations(convs, held, opts.instance_fraction, opts.seed)
-    out_dir = Path(out_dir)
-    files = {}
-    for name in SPLITS:
-        files[name] = str(out_dir / f"{name}.jsonl")
-        with atomic_write(out_dir / f"{name}.jsonl") as f:
-            for c in splits[name]:
-                f.write(json.dumps(conversation_record(c), ensure_ascii=False) + "\n")
-    per_task = {t: {name: 0 for name in SPLITS} for t in tasks}
-    for name in SPLITS:
-        for c in splits[name]:
-            per_task[str(c.task)][name] += 1
-    summary = {
-        "by": opts.by, "seed": opts.seed, "inputs": [str(p) for p in inputs],
-        "holdout": list(opts.holdout), "holdout_cluster": list(opts.holdout_cluster),
-        "holdout_fraction": opts.holdout_fraction, "instance_fraction": opts.instance_fraction,
-        "files": files, "counts": {name: len(splits[name]) for name in SPLITS},
-        "heldout_tasks": sorted(held), "train_tasks": sorted(set(tasks) - held),
-        "clusters": {t: clusters[t] for t in tasks if t in clusters},
-        "per_task": per_task, "removed_overlap": removed, "read_back": "--task-field task",
-        "data": report.as_dict(),
-    }
-    with atomic_write(out_dir / "split.json") as f:
-        f.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    c = summary["counts"]
-    console.print(f"[green]done[/] {len(tasks)} tasks ({len(held)} held out); train {c['train']:,}, "
-                  f"heldout-instances {c['heldout-instances']:,}, heldout-tasks {c['heldout-tasks']:,}"
-                  + (f", {removed} held-out duplicates of train removed" if removed else "")
-                  + (f"; {report.invalid.total:,} invalid skipped" if report.invalid.total else "")
-                  + f" -> {out_dir} (read back with --task-field task)", highlight=False)
-    return summary
 
 
 # ---- task metrics ---------------------------------------------------------------------------------------------
@@ -238,21 +82,13 @@ def load_task_items(inputs: list[str], tokenizer, opts: DataOptions, limit: int 
             items.append(TaskItem(str(conv.where), str(conv.task), ex, conv))
         return items
     tmpl = resolve_template(opts.template, tokenizer)
-    special = protected_pattern(tokenizer).findall
+    protected = protected_pattern(tokenizer)
     for path in expand_paths(inputs):
-        convs = sample_records(iter_conversations([path], opts, report, special, on_record), limit,
+        convs = sample_records(iter_conversations([path], opts, report, protected.findall, on_record), limit,
                                f"{seed}:{path.name}")
-        for conv, res in zip(convs, tokenize_conversations(convs, tokenizer, tmpl, opts.tokenize)):
-            if isinstance(res, Example):
-                report.kept += 1
-                report.truncated += res.truncated
-                items.append(TaskItem(str(conv.where), str(conv.task), res, conv))
-            elif isinstance(res, Dropped):
-                report.dropped[res.reason] += 1
-            elif opts.skip_invalid and isinstance(res, DataError):
-                report.invalid.add(res)
-            else:
-                raise res
+        encoded = encode_conversations(convs, tokenizer, tmpl, opts.tokenize, protected)
+        for conv, ex in keep_examples(encoded, opts.skip_invalid, report):
+            items.append(TaskItem(str(conv.where), str(conv.task), ex, conv))
     return items
 
 
@@ -373,25 +209,17 @@ def few_shot_conversations(items: list[TaskItem], k: int, seed: int = 0) -> list
     for i, it in enumerate(items):
         others = [j for j in by_task[it.task] if j != i]
         demos = random.Random(f"{seed}:{i}").sample(others, min(k, len(others)))
-        msgs = it.conversation.messages
-        head = [m for m in msgs[:1] if m.role == "system"]
-        shots = []
-        for j in demos:
-            for m in items[j].conversation.messages:
-                if m.role != "system":
-                    shots.append(Message(m.role, m.content, False if m.role == "assistant" else m.train))
-        out.append(Conversation(head + shots + msgs[len(head):], it.task, it.conversation.where))
+        out.append(shot_conversation(it.conversation, [items[j].conversation for j in demos]))
     return out
 
 
 def training_tasks_of(model_spec: str) -> list[str] | None:
-    """The tasks a model was trained on, from its run's summary.json (RUN/model or RUN/adapter -> RUN)."""
-    p = Path(str(model_spec))
-    for summary in (p.parent / "summary.json", p / "summary.json"):
-        if p.is_dir() and summary.is_file():
-            try:
-                tasks = json.loads(summary.read_text()).get("tasks")
-            except (OSError, json.JSONDecodeError):
-                return None
-            return [str(t) for t in tasks] if isinstance(tasks, list) else None
-    return None
+    """The tasks a model was trained on, from its training's summary.json (OUT/model or OUT/adapter -> OUT)."""
+    summary = layout.training_summary_of(Path(str(model_spec)))
+    if summary is None:
+        return None
+    try:
+        tasks = json.loads(summary.read_text()).get("tasks")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return [str(t) for t in tasks] if isinstance(tasks, list) else None

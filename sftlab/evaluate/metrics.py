@@ -7,7 +7,6 @@ collapsed, so "Smith, John." and "smith john" match but "john smith" does not.
 from __future__ import annotations
 
 import unicodedata
-from collections import defaultdict
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -81,13 +80,11 @@ def rouge_l(prediction: str, reference: str | Iterable[str]) -> float:
     return max((scorer.score(r, prediction)["rougeL"].fmeasure for r in _refs(reference)), default=0.0)
 
 
-def exact_match_by_task(tasks: Iterable[str | None], predictions: Iterable[str],
-                        references: Iterable[str | Iterable[str]]) -> dict[str | None, tuple[int, float]]:
-    """Per task: (number of examples, exact-match rate)."""
-    hits: dict = defaultdict(list)
-    for task, pred, ref in zip(tasks, predictions, references, strict=True):
-        hits[task].append(exact_match(pred, ref))
-    return {t: (len(h), sum(h) / len(h)) for t, h in hits.items()}
+def exact_match_of_generations(rows: Iterable[dict]) -> tuple[float | None, int]:
+    """(exact-match rate, number of rows with a reference) of `sftlab generate` rows ({"generation", "reference"});
+    the rate is None when no row has a reference."""
+    hits = [exact_match(r["generation"], r["reference"]) for r in rows if r.get("reference") is not None]
+    return (sum(hits) / len(hits) if hits else None), len(hits)
 
 
 # ---- label-set accuracy --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 What it reads from each RUN_DIR (every part optional; a missing part is shown as "not available"):
 - `summary.json` and `metrics.jsonl` (training: `step, loss` and `step, eval_loss` lines);
 - `audit/examples.jsonl` + `audit/tasks.json` (`sftlab audit`), or the directory itself if it is one;
-- `eval/metrics.json` (`sftlab eval`, schema in `sftlab.evaluate.run`), or `metrics.json` in the directory.
+- `eval/metrics.json` (`sftlab eval`, schema in `sftlab.evaluate.evaluate`), or `metrics.json` in the directory.
 
 Sections (ids): `overview`, `audit` (table + s_cond vs s_uncond scatter), `loss` (curves), `tasks`
 (per-task before/after bars split seen/unseen, table with CIs, prompting baseline), `forgetting` (table
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from .. import layout
+from ..io import progress, read_jsonl
 from . import plots
 
 SECTIONS = ("overview", "audit", "loss", "tasks", "forgetting", "tradeoff", "generations")
@@ -57,39 +59,26 @@ def _read_json(path: Path) -> dict | None:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, parts: tuple[str, ...] = ("train", "audit", "eval")) -> Run:
+    """What `path` holds of `parts`: a training output dir, an audit or eval directory, or a run directory
+    (`sftlab run`: RUN/train, RUN/audit, RUN/eval; file names from `sftlab.layout`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
     run = Run(path.name or str(path), path)
-    # a training output dir, or an `sftlab run` directory whose training lives in RUN/train
-    train_dir = path if (path / "summary.json").is_file() or not (path / "train").is_dir() else path / "train"
-    run.summary = _read_json(train_dir / "summary.json")
-    run.train_log = _read_jsonl(train_dir / "metrics.jsonl")
-    for audit in (path / "audit", path):
-        if (audit / "tasks.json").is_file() or (audit / "examples.jsonl").is_file() and audit.name == "audit":
-            run.audit_tasks = _read_json(audit / "tasks.json")
-            run.audit_rows = _read_jsonl(audit / "examples.jsonl")
+    if "train" in parts:
+        train_dir = path / layout.TRAIN_DIR
+        if (path / layout.TRAIN_SUMMARY).is_file() or not train_dir.is_dir():
+            train_dir = path
+        run.summary = _read_json(train_dir / layout.TRAIN_SUMMARY)
+        run.train_log = read_jsonl(train_dir / layout.TRAIN_METRICS)
+    for audit in (path / layout.AUDIT_DIR, path) if "audit" in parts else ():
+        if (audit / layout.AUDIT_TASKS).is_file() or (audit / layout.AUDIT_EXAMPLES).is_file() and \
+                audit.name == layout.AUDIT_DIR:
+            run.audit_tasks = _read_json(audit / layout.AUDIT_TASKS)
+            run.audit_rows = read_jsonl(audit / layout.AUDIT_EXAMPLES)
             break
-    for ev in (path / "eval" / "metrics.json", path / "metrics.json"):
+    for ev in (path / layout.EVAL_DIR / layout.EVAL_METRICS, path / layout.EVAL_METRICS) if "eval" in parts else ():
         data = _read_json(ev)
         if isinstance(data, dict) and "schema_version" in data and "results" in data:
             run.eval = data
@@ -358,7 +347,6 @@ def render_report(runs: list[Run], generations: int = 5, on_section=None) -> str
 def write_report(run_dirs: list[str | Path], out: str | Path, console=None, generations: int = 5) -> Path:
     """Read the runs, render the report and write it atomically to `out`."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..io import atomic_write
 
@@ -370,10 +358,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path, console=None, gene
     for r in runs:  # two runs with the same directory name: tell them apart by their parent
         if names.count(r.name) > 1:
             r.name = f"{r.path.parent.name}/{r.path.name}"
-    with Progress(TextColumn("[bold]report {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task("", total=len(SECTIONS))
-        page = render_report(runs, generations, on_section=lambda sid: progress.update(bar, advance=1, description=sid))
+    with progress("report", console) as bars:
+        bar = bars.add_task("report", total=len(SECTIONS), info="")
+        page = render_report(runs, generations, on_section=lambda sid: bars.update(bar, advance=1, info=sid))
     out = Path(out)
     with atomic_write(out) as f:
         f.write(page)

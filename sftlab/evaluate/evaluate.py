@@ -14,9 +14,10 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
       "schema_version": 1, "created": ISO time, "wall_s": float,
       "model": str, "base": str | null, "template": str,
       "options": {limit, general_limit, seed, bootstrap, max_new_tokens, qa_max_new_tokens, qa_prompt, few_shot,
-                  max_labels, text_window, batch_size, batch_tokens, max_length},
-      "training_tasks": [str] | null,        # from the model's RUN/summary.json, null if unknown
+                  max_labels, text_window, batch_size, forward_batch_tokens, max_length},
+      "training_tasks": [str] | null,        # from the training's OUT/summary.json beside OUT/model, null if unknown
       "data": {"files": [str], "examples": int, "report": DataReport.as_dict(),
+               "qa_invalid": {"total": int, "by_reason": {reason: int}, "first": [str]},   # skipped QA records
                "label_sets": {task: [label] | null}, "generation_budgets": {task: int}},
       "results": {                           # "base" only with --base
         "model" | "base": {
@@ -49,74 +50,34 @@ import gc
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import layout
+from ..config import EvalConfig
 from ..data.formats import Conversation
 from ..data.load import expand_paths
-from ..data.pipeline import DataOptions, DataReport
+from ..data.pipeline import DataOptions, DataReport, encode_conversations, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..data.validate import InvalidLog
-from . import forgetting as fg
-from . import generalization as gz
-from .scoring import example_nll, tokenize_conversations
+from ..io import progress
+from . import forgetting, generalization
+from .scoring import example_nll
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class EvalOptions:
-    model: str
-    out: Path
-    data: list[str] = field(default_factory=list)
-    base: str | None = None
-    general: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    limit: int | None = None  # seeded random sample of N valid examples per file (task data, QA; text: first N)
-    general_limit: int | None = None  # QA records per --general file (None: --limit)
-    question_field: str = "question"
-    answer_field: str = "answer"
-    qa_prompt: str = "{question}"
-    few_shot: int = 0  # K: base with K shots vs model zero-shot on held-out tasks (needs --base)
-    generations: int = 5  # side-by-side generations kept in metrics.json
-    max_new_tokens: int = 64
-    qa_max_new_tokens: int = 32
-    batch_size: int = 8  # prompts per generation batch
-    batch_tokens: int = 4096  # padded tokens per NLL forward pass
-    max_labels: int = 20
-    text_window: int = 1024
-    text_field: str = "text"
-    bootstrap: int = 1000
-    seed: int = 0
-    dtype: str = "fp32"
-    data_opts: DataOptions = field(default_factory=DataOptions)
-
-    def __post_init__(self):
-        for name, v in (("--limit", self.limit), ("--general-limit", self.general_limit)):
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be at least 1, got {v}")
-        if self.few_shot < 0:
-            raise ValueError(f"--few-shot must be >= 0, got {self.few_shot}")
-        if self.bootstrap < 1:
-            raise ValueError(f"--bootstrap must be at least 1, got {self.bootstrap}")
-        if not (self.data or self.general or self.text):
-            raise ValueError("nothing to evaluate: pass --data, --general or --text")
-        # Scores are over exactly the response tokens: prompt tokens never count, whatever the training weight.
-        self.data_opts = replace(self.data_opts, tokenize=replace(self.data_opts.tokenize, prompt_loss_weight=0.0))
 
 
 @dataclass
 class Inputs:
     """Everything scored, prepared once with the evaluated model's tokenizer."""
 
-    items: list[gz.TaskItem]
-    qa: dict[str, list[fg.QaItem]]
+    items: list[generalization.TaskItem]
+    qa: dict[str, list[forgetting.QaItem]]
     text: dict[str, list[Example]]
     few: list[tuple[int, Example, Conversation]]  # (item index, k-shot example, k-shot conversation)
     few_tasks: list[str]
@@ -132,32 +93,34 @@ def _check_same_vocab(tokenizer, base_spec: str) -> None:
                          "must be scored on the same tokens")
 
 
-def prepare(opts: EvalOptions, tokenizer, tmpl, training_tasks: list[str] | None, console: Console) -> Inputs:
+def prepare(cfg: EvalConfig, data_opts: DataOptions, tokenizer, tmpl, training_tasks: list[str] | None,
+            with_few_shot: bool, console: Console) -> Inputs:
     from ..data.pipeline import record_progress
 
     report = DataReport()
     items = []
-    if opts.data:
-        with record_progress(opts.data, console, "read data") as tick:
-            items = gz.load_task_items(opts.data, tokenizer, opts.data_opts, opts.limit, report, on_record=tick,
-                                       seed=opts.seed)
+    if cfg.data:
+        with record_progress(cfg.data, console, "read data") as tick:
+            items = generalization.load_task_items(cfg.data, tokenizer, data_opts, cfg.limit, report, on_record=tick,
+                                                   seed=cfg.seed)
     qa_invalid = InvalidLog()
     qa = {}
-    for path in expand_paths(opts.general) if opts.general else []:
-        qa[str(path)] = fg.read_qa([path], tokenizer, tmpl, opts.question_field, opts.answer_field, opts.qa_prompt,
-                                   opts.limit if opts.general_limit is None else opts.general_limit,
-                                   opts.data_opts.skip_invalid, qa_invalid,
-                                   opts.data_opts.tokenize.max_length, opts.seed)
-    text = {str(p): fg.read_text_windows(p, tokenizer, opts.text_window, opts.text_field, opts.limit) for p in opts.text}
+    for path in expand_paths(cfg.general) if cfg.general else []:
+        qa[str(path)] = forgetting.read_qa([path], tokenizer, tmpl, cfg.question_field, cfg.answer_field,
+                                           cfg.qa_prompt, cfg.limit if cfg.general_limit is None else cfg.general_limit,
+                                           data_opts.skip_invalid, qa_invalid, data_opts.tokenize.max_length, cfg.seed)
+    text = {str(p): forgetting.read_text_windows(p, tokenizer, cfg.text_window, cfg.text_field, cfg.limit)
+            for p in cfg.text}
     few, few_tasks = [], []
-    if opts.few_shot and opts.base and items:
+    if cfg.few_shot and with_few_shot and items:
         seen = set(training_tasks or ())
         few_tasks = sorted({it.task for it in items if it.task not in seen})
         idx = [i for i, it in enumerate(items) if it.task in set(few_tasks)]
-        convs = gz.few_shot_conversations([items[i] for i in idx], opts.few_shot, opts.seed)
-        for i, conv, ex in zip(idx, convs, tokenize_conversations(convs, tokenizer, tmpl, opts.data_opts.tokenize)):
-            if isinstance(ex, Example):  # a k-shot prompt the length policy drops is left out of the comparison
-                few.append((i, ex, conv))
+        convs = generalization.few_shot_conversations([items[i] for i in idx], cfg.few_shot, cfg.seed)
+        index_of = {id(c): i for i, c in zip(idx, convs)}
+        # a k-shot prompt the length policy drops (or that fails to render) is left out of the comparison
+        encoded = encode_conversations(convs, tokenizer, tmpl, data_opts.tokenize)
+        few = [(index_of[id(conv)], ex, conv) for conv, ex in keep_examples(encoded, True, DataReport())]
     return Inputs(items, qa, text, few, few_tasks, report, qa_invalid)
 
 
@@ -175,62 +138,60 @@ def _generate_grouped(model, tokenizer, tmpl, prompts: list, budgets: list[int],
     return out
 
 
-def score_model(model, tokenizer, tmpl, inp: Inputs, opts: EvalOptions, labels, budgets, label: str,
+def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, budgets, label: str,
                 console: Console, with_few_shot: bool) -> dict:
     """Per-example rows for one model: task rows, QA rows per file, text NLLs per file, k-shot rows."""
-    pad = tokenizer.pad_token_id
-    columns = (TextColumn(f"[bold]{label}" + " {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
+    pad, batch_tokens = tokenizer.pad_token_id, cfg.forward_batch_tokens
     out: dict = {"tasks": [], "qa": {}, "text": {}, "few": []}
-    with Progress(*columns, console=console) as progress:
+    with progress(label, console) as bars:
         def bar(name: str, total: int):
-            t = progress.add_task(name, total=total)
-            return lambda n: progress.advance(t, n)
+            t = bars.add_task(name, total=total, info=name)
+            return lambda n: bars.advance(t, n)
 
         if inp.items:
-            nlls = example_nll(model, [it.example for it in inp.items], pad, opts.batch_tokens,
+            nlls = example_nll(model, [it.example for it in inp.items], pad, batch_tokens,
                                bar("task NLL", len(inp.items)))
             gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in inp.items],
-                                     [budgets[it.task] for it in inp.items], opts.batch_size,
+                                     [budgets[it.task] for it in inp.items], cfg.batch_size,
                                      bar("task generation", len(inp.items)))
-            out["tasks"] = gz.score_task_rows(inp.items, nlls, gens, labels)
+            out["tasks"] = generalization.score_task_rows(inp.items, nlls, gens, labels)
         for path, items in inp.qa.items():
             name = Path(path).name
             gold = [ex for it in items for ex in it.gold]
-            nlls = example_nll(model, gold, pad, opts.batch_tokens, bar(f"{name} gold NLL", len(gold)))
+            nlls = example_nll(model, gold, pad, batch_tokens, bar(f"{name} gold NLL", len(gold)))
             gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in items],
-                                     [opts.qa_max_new_tokens] * len(items), opts.batch_size,
+                                     [cfg.qa_max_new_tokens] * len(items), cfg.batch_size,
                                      bar(f"{name} generation", len(items)))
-            out["qa"][path] = fg.qa_rows(items, fg.min_gold_nll(items, nlls), gens)
+            out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens)
         for path, windows in inp.text.items():
-            out["text"][path] = example_nll(model, windows, pad, opts.batch_tokens,
+            out["text"][path] = example_nll(model, windows, pad, batch_tokens,
                                             bar(f"{Path(path).name} perplexity", len(windows)))
         if with_few_shot and inp.few:
             items = [inp.items[i] for i, _, _ in inp.few]
-            nlls = example_nll(model, [ex for _, ex, _ in inp.few], pad, opts.batch_tokens,
-                               bar(f"{opts.few_shot}-shot NLL", len(inp.few)))
+            nlls = example_nll(model, [ex for _, ex, _ in inp.few], pad, batch_tokens,
+                               bar(f"{cfg.few_shot}-shot NLL", len(inp.few)))
             prompts = [Conversation(c.messages[:-1], c.task, c.where) for _, _, c in inp.few]
             gens = _generate_grouped(model, tokenizer, tmpl, prompts, [budgets[it.task] for it in items],
-                                     opts.batch_size, bar(f"{opts.few_shot}-shot generation", len(inp.few)))
-            out["few"] = gz.score_task_rows(items, nlls, gens, labels)
+                                     cfg.batch_size, bar(f"{cfg.few_shot}-shot generation", len(inp.few)))
+            out["few"] = generalization.score_task_rows(items, nlls, gens, labels)
     return out
 
 
 def summarise_model(rows: dict, training_tasks) -> dict:
-    s = gz.summarise_tasks(rows["tasks"], training_tasks) if rows["tasks"] else {"tasks": {}, "macro": {}}
-    s["general"] = {"qa": {p: fg.summarise_qa(r) for p, r in rows["qa"].items()},
-                    "text": {p: fg.summarise_text(n) for p, n in rows["text"].items()}}
+    s = generalization.summarise_tasks(rows["tasks"], training_tasks) if rows["tasks"] else {"tasks": {}, "macro": {}}
+    s["general"] = {"qa": {p: forgetting.summarise_qa(r) for p, r in rows["qa"].items()},
+                    "text": {p: forgetting.summarise_text(n) for p, n in rows["text"].items()}}
     return s
 
 
 def general_deltas(base: dict, tuned: dict, n_resamples: int, seed: int) -> dict:
     out = {"qa": {}, "text": {}}
     for path, rows in tuned["qa"].items():
-        out["qa"][path] = {m: gz.delta_entry([r[m] for r in base["qa"][path]], [r[m] for r in rows], None, None,
-                                             n_resamples, seed) for m in fg.QA_METRICS}
+        out["qa"][path] = {m: generalization.delta_entry([r[m] for r in base["qa"][path]], [r[m] for r in rows], None, None,
+                                             n_resamples, seed) for m in forgetting.QA_METRICS}
     for path, nlls in tuned["text"].items():
         b = base["text"][path]
-        entry = gz.delta_entry([n.mean for n in b], [n.mean for n in nlls], None, [n.tokens for n in nlls],
+        entry = generalization.delta_entry([n.mean for n in b], [n.mean for n in nlls], None, [n.tokens for n in nlls],
                                n_resamples, seed)
         out["text"][path] = {"nll": entry, "perplexity_ratio": math.exp(entry["delta"])}
     return out
@@ -260,32 +221,43 @@ def side_by_side(inp: Inputs, rows: dict[str, dict], n: int) -> list[dict]:
     return out
 
 
-def evaluate(opts: EvalOptions, console: Console | None = None) -> dict:
-    """Run the evaluation, write `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics."""
+def scoring_options(data_opts: DataOptions) -> DataOptions:
+    """Scores are over exactly the response tokens: prompt tokens never count, whatever the training weight."""
+    return replace(data_opts, tokenize=replace(data_opts.tokenize, prompt_loss_weight=0.0))
+
+
+def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataOptions, base: str | None = None,
+             dtype: str = "fp32", console: Console | None = None) -> dict:
+    """Evaluate `model` (and `base`, scored on the same tokens) on `cfg`'s files read with `data_opts`, write
+    `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics. `cfg.base` is the run's
+    setting: the caller resolves it into `base`."""
     from ..io import atomic_write
     from ..models import load_model, load_tokenizer
 
+    if not (cfg.data or cfg.general or cfg.text):
+        raise ValueError("nothing to evaluate: pass --data, --general or --text")
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(opts.model)
-    tmpl = resolve_template(opts.data_opts.template, tokenizer)
-    if opts.base:
-        _check_same_vocab(tokenizer, opts.base)
-    training_tasks = gz.training_tasks_of(opts.model)
-    inp = prepare(opts, tokenizer, tmpl, training_tasks, console)
+    data_opts = scoring_options(data_opts)
+    tokenizer = load_tokenizer(model)
+    tmpl = resolve_template(data_opts.template, tokenizer)
+    if base:
+        _check_same_vocab(tokenizer, base)
+    training_tasks = generalization.training_tasks_of(model)
+    inp = prepare(cfg, data_opts, tokenizer, tmpl, training_tasks, base is not None, console)
     if not (inp.items or inp.qa or inp.text):
         raise ValueError("no valid example to evaluate in the given files")
-    labels = gz.task_label_sets(inp.items, opts.max_labels)
-    budgets = gz.generation_budgets(inp.items, tokenizer, opts.max_new_tokens)
+    labels = generalization.task_label_sets(inp.items, cfg.max_labels)
+    budgets = generalization.generation_budgets(inp.items, tokenizer, cfg.max_new_tokens)
 
     rows: dict[str, dict] = {}
-    for role, spec in (("model", opts.model), ("base", opts.base)):
+    for role, spec in (("model", model), ("base", base)):
         if spec is None:
             continue
-        model = load_model(spec, dtype=opts.dtype)
-        rows[role] = score_model(model, tokenizer, tmpl, inp, opts, labels, budgets, role, console,
+        lm = load_model(spec, dtype=dtype)
+        rows[role] = score_model(lm, tokenizer, tmpl, inp, cfg, labels, budgets, role, console,
                                  with_few_shot=role == "base")
-        del model
+        del lm
         gc.collect()
 
     results = {role: summarise_model(r, training_tasks) for role, r in rows.items()}
@@ -293,51 +265,51 @@ def evaluate(opts: EvalOptions, console: Console | None = None) -> dict:
     if "base" in rows:
         deltas = {"tasks": {}, "macro": {}}
         if inp.items:
-            deltas = gz.task_deltas(rows["base"]["tasks"], rows["model"]["tasks"], training_tasks, opts.bootstrap,
-                                    opts.seed)
-        deltas["general"] = general_deltas(rows["base"], rows["model"], opts.bootstrap, opts.seed)
+            deltas = generalization.task_deltas(rows["base"]["tasks"], rows["model"]["tasks"], training_tasks,
+                                                cfg.bootstrap, cfg.seed)
+        deltas["general"] = general_deltas(rows["base"], rows["model"], cfg.bootstrap, cfg.seed)
         if inp.few:
             zero = [rows["model"]["tasks"][i] for i, _, _ in inp.few]
-            few = {"k": opts.few_shot, "tasks": inp.few_tasks, "n": len(inp.few),
-                   "base_k_shot": gz.summarise_tasks(rows["base"]["few"], None),
-                   "model_zero_shot": gz.summarise_tasks(zero, None),
-                   "delta": gz.task_deltas(rows["base"]["few"], zero, None, opts.bootstrap, opts.seed)}
+            few = {"k": cfg.few_shot, "tasks": inp.few_tasks, "n": len(inp.few),
+                   "base_k_shot": generalization.summarise_tasks(rows["base"]["few"], None),
+                   "model_zero_shot": generalization.summarise_tasks(zero, None),
+                   "delta": generalization.task_deltas(rows["base"]["few"], zero, None, cfg.bootstrap, cfg.seed)}
     metrics = {
         "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": None, "model": str(opts.model), "base": str(opts.base) if opts.base else None, "template": tmpl.name,
-        "options": {"limit": opts.limit, "general_limit": opts.general_limit, "seed": opts.seed,
-                    "bootstrap": opts.bootstrap,
-                    "max_new_tokens": opts.max_new_tokens, "qa_max_new_tokens": opts.qa_max_new_tokens,
-                    "qa_prompt": opts.qa_prompt, "few_shot": opts.few_shot, "max_labels": opts.max_labels,
-                    "text_window": opts.text_window, "batch_size": opts.batch_size, "batch_tokens": opts.batch_tokens,
-                    "max_length": opts.data_opts.tokenize.max_length},
+        "wall_s": None, "model": str(model), "base": str(base) if base else None, "template": tmpl.name,
+        "options": {"limit": cfg.limit, "general_limit": cfg.general_limit, "seed": cfg.seed,
+                    "bootstrap": cfg.bootstrap,
+                    "max_new_tokens": cfg.max_new_tokens, "qa_max_new_tokens": cfg.qa_max_new_tokens,
+                    "qa_prompt": cfg.qa_prompt, "few_shot": cfg.few_shot, "max_labels": cfg.max_labels,
+                    "text_window": cfg.text_window, "batch_size": cfg.batch_size,
+                    "forward_batch_tokens": cfg.forward_batch_tokens, "max_length": data_opts.tokenize.max_length},
         "training_tasks": training_tasks,
-        "data": {"files": [str(p) for p in opts.data], "examples": len(inp.items), "report": inp.report.as_dict(),
+        "data": {"files": [str(p) for p in cfg.data], "examples": len(inp.items), "report": inp.report.as_dict(),
                  "qa_invalid": {"total": inp.qa_invalid.total, "by_reason": dict(inp.qa_invalid.counts),
                                 "first": inp.qa_invalid.examples},
                  "label_sets": labels, "generation_budgets": budgets},
         "results": results, "deltas": deltas, "few_shot": few,
-        "generations": side_by_side(inp, rows, opts.generations),
+        "generations": side_by_side(inp, rows, cfg.generations),
     }
     metrics["wall_s"] = time.perf_counter() - t0
-    out = Path(opts.out)
-    with atomic_write(out / "examples.jsonl") as f:
+    out = Path(out)
+    with atomic_write(out / layout.EVAL_EXAMPLES) as f:
         for role, r in rows.items():
             for row in r["tasks"]:
                 f.write(json.dumps({"model": role, "kind": "task", **row}, ensure_ascii=False) + "\n")
             for row in r["few"]:
-                f.write(json.dumps({"model": role, "kind": f"{opts.few_shot}-shot", **row}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"model": role, "kind": f"{cfg.few_shot}-shot", **row}, ensure_ascii=False) + "\n")
             for path, qrows in r["qa"].items():
                 for row in qrows:
                     f.write(json.dumps({"model": role, "kind": "qa", "file": path, **row}, ensure_ascii=False) + "\n")
-    with atomic_write(out / "metrics.json") as f:
+    with atomic_write(out / layout.EVAL_METRICS) as f:
         f.write(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     print_summary(metrics, Console())
     if inp.report.special_text:
         console.print("[bold yellow]warning:[/] data text contains control-token strings, scored as plain text: "
                       + ", ".join(f"{k!r} x{v}" for k, v in inp.report.special_text.items())
                       + " (remove trailing artefacts with --strip)", highlight=False)
-    console.print(f"[green]done[/] {summary_line(metrics)} in {metrics['wall_s']:.0f}s -> {out / 'metrics.json'}",
+    console.print(f"[green]done[/] {metrics_line(metrics)} in {metrics['wall_s']:.0f}s -> {out / layout.EVAL_METRICS}",
                   highlight=False)
     return metrics
 
@@ -379,7 +351,7 @@ def print_summary(m: dict, out: Console) -> None:
         for name in ("file", "metric", "base", "model", "Δ [95% CI]"):
             t.add_column(name, justify="left" if name in ("file", "metric") else "right")
         base = m["results"].get("base", {}).get("general", {})
-        for kind, metric_names in (("qa", fg.QA_METRICS), ("text", ("nll", "perplexity"))):
+        for kind, metric_names in (("qa", forgetting.QA_METRICS), ("text", ("nll", "perplexity"))):
             for path, v in gen[kind].items():
                 for metric in metric_names:
                     pct = metric in ("exact_match", "contains")
@@ -399,7 +371,8 @@ def print_summary(m: dict, out: Console) -> None:
         out.print(t)
 
 
-def summary_line(m: dict) -> str:
+def metrics_line(m: dict) -> str:
+    """The key numbers of a metrics.json in one line (the `done` line of `sftlab eval`)."""
     res = m["results"]["model"]
     parts = []
     if res["tasks"]:
@@ -415,3 +388,19 @@ def summary_line(m: dict) -> str:
     for path, v in res["general"]["text"].items():
         parts.append(f"{Path(path).name}: perplexity {v['perplexity']:.2f}")
     return "; ".join(parts)
+
+
+def key_numbers(m: dict) -> dict:
+    """What a run logs of a metrics.json: macro EM/NLL (all, seen, unseen) and QA EM, model and base."""
+    model, base = m["results"]["model"], m["results"].get("base")
+    out: dict = {"examples": m["data"]["examples"], "macro": {}, "qa": {}}
+    for k, v in (model.get("macro") or {}).items():
+        if v:
+            b = (base or {}).get("macro", {}).get(k) or {}
+            out["macro"][k] = {"tasks": v.get("tasks"), "exact_match": v["exact_match"], "nll": v["nll"],
+                               "base_exact_match": b.get("exact_match"), "base_nll": b.get("nll")}
+    for path, v in model["general"]["qa"].items():
+        b = (base or {}).get("general", {}).get("qa", {}).get(path) or {}
+        out["qa"][Path(path).name] = {"n": v["n"], "exact_match": v["exact_match"],
+                                      "base_exact_match": b.get("exact_match")}
+    return out

@@ -1,0 +1,44 @@
+"""`sftlab demo`: its built-in config and the whole cycle on a tiny model."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from sftlab.demo_data import HELDOUT_TASKS, TRAIN_TASKS
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def printed(console: Console) -> str:
+    return console.file.getvalue()
+
+
+def test_demo_config(tmp_path):
+    from sftlab.demo import demo_config
+
+    data = {s: tmp_path / f"{s}.jsonl" for s in ("train", "heldout_instances", "heldout_tasks")}
+    cfg = demo_config(tmp_path / "my demo: 1", data, "default", ["train.epochs=2"])
+    assert cfg.output_dir == str(tmp_path / "my demo: 1") and cfg.train.epochs == 2
+    assert cfg.eval.data == [str(data["heldout_instances"]), str(data["heldout_tasks"])]
+    assert cfg.eval.base is None and cfg.eval.max_new_tokens == 16
+    assert cfg.audit.enabled and not cfg.audit.generate and cfg.audit.few_shot == 0 and cfg.audit.limit_per_task
+
+
+def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):
+    from sftlab.demo import run_demo
+
+    con = quiet()
+    # fp32: accelerate keeps the first mixed-precision setting of the process (other tests train in fp32)
+    res = run_demo(tmp_path / "demo", str(tiny_model_dir), ["train.max_steps=2", "train.precision=fp32", "data.eval=[]",
+                                                       "audit.limit_per_task=1", "eval.limit=6",
+                                                       "eval.max_new_tokens=2", "eval.bootstrap=20"], con)
+    out = printed(con)
+    assert "done demo in" in out and "held-out instances" in out and "trained 2 steps" in out
+    assert set(res["after"]["heldout_tasks"]["families"]) <= set(HELDOUT_TASKS)
+    assert set(res["after"]["heldout_instances"]["families"]) <= set(TRAIN_TASKS)
+    assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "data" / "train.jsonl").is_file()
+    assert all(e["status"] == "complete" for e in res["stages"].values())
