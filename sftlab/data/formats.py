@@ -34,8 +34,10 @@ class Conversation:
     task: str | None = None
     where: Location | None = field(default=None, compare=False)
 
-    def as_dicts(self) -> list[dict]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def as_dicts(self, with_train: bool = False) -> list[dict]:
+        """role and content per message; `with_train`: also `train` where a message sets it (sftlab's records)."""
+        return [{"role": m.role, "content": m.content, **({"train": m.train} if with_train and m.train is not None
+                                                           else {})} for m in self.messages]
 
     def key(self) -> tuple:
         """Identity for exact-duplicate detection."""
