@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
+from typing import TYPE_CHECKING
 
 from .data.tokenize import IGNORE
+
+if TYPE_CHECKING:  # torch is imported where it is used: GEN_MARGIN's importers (evaluation planning) stay light
+    import torch
+    from torch import nn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # configs whose CausalLM head does more than a projection (softcapping, scaling), which the split would skip
@@ -89,6 +90,8 @@ def trained_positions(labels: torch.Tensor, weights: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flat indices (into [B*T]) of the positions whose next label is scored, those next labels, and the
     weights of those labels (None: unweighted). labels, weights: [B, T], unshifted."""
+    import torch
+
     labels = labels.to(device)
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
@@ -104,6 +107,8 @@ def trained_positions(labels: torch.Tensor, weights: torch.Tensor | None = None,
 
 
 def _nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     logits = lm_head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="none")
 
@@ -114,6 +119,9 @@ def nll_chunks(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, 
     cross-entropy never see more. Under gradients each chunk runs under `torch.utils.checkpoint`, so backward
     recomputes one chunk's logits instead of keeping all of them. At least one (possibly empty) chunk, so a
     sum over them stays connected to `hidden` and the head's parameters."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
@@ -143,6 +151,9 @@ def response_nll(model: nn.Module, batch: dict, chunk_size: int = 1024, pool: bo
     The scored tokens are those with labels != -100. head_only: run the head on the scored positions only
     (None: wherever `splits_into_body_and_head`); False: the model's own full forward, logits gathered there.
     """
+    import torch
+    from torch import nn
+
     with torch.inference_mode():
         if head_only is None:
             head_only = splits_into_body_and_head(model)
@@ -172,6 +183,8 @@ def response_nll(model: nn.Module, batch: dict, chunk_size: int = 1024, pool: bo
 
 def head_matches_logits(model: nn.Module, batch: dict, tol: float = 1e-3) -> bool:
     """Whether body + head reproduce the model's own logits on `batch` (fp32): a one-time check of the split."""
+    import torch
+
     if not splits_into_body_and_head(model):
         return False
     with torch.inference_mode():
