@@ -3,9 +3,10 @@
     python benchmarks/audit_throughput.py [--data ../shared/data/cherry-alpaca-5pct.json] [--n 64]
                                           [--model default] [--dtype fp32]
 
-Runs `sftlab.audit.run_audit` (reading, tokenizing, scoring s_cond and s_uncond, pooling, writing the
-audit directory) on the first --n examples with an already loaded model, then times `model(ids, mask)`
-under `torch.inference_mode()` over exactly the padded batches the audit scored. Prints one JSON line:
+Runs `sftlab.audit.command.run_audit` (reading, tokenizing, scoring s_cond and s_uncond, pooling, writing the
+audit directory) on the first --n examples with an already loaded model, then times the model's own full
+forward under `torch.inference_mode()` over exactly the padded batches the audit scored (the batches of
+`sftlab.audit.scoring.build_chunks` / `make_batches`, collated by `data.packing.collate_padded`). Prints one JSON line:
 audit tokens/s (scoring loop, and end to end), forward tokens/s and their ratio (goal >= 0.8).
 """
 
@@ -29,14 +30,19 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--forward-batch-tokens", type=int, default=8192)
     args = p.parse_args()
 
     import torch
     from rich.console import Console
 
-    from sftlab.audit import AuditOptions, Scorer, build_chunks, collect_items, make_batches, run_audit
+    from sftlab.audit.command import run_audit
+    from sftlab.audit.items import collect_items
+    from sftlab.audit.scoring import build_chunks, make_batches
+    from sftlab.config import AuditConfig
+    from sftlab.data.packing import collate_padded
     from sftlab.data.pipeline import DataOptions
+    from sftlab.lm import model_inputs
     from sftlab.data.template import resolve_template
     from sftlab.data.tokenize import TokenizeOptions
     from sftlab.models import load_model, load_tokenizer
@@ -50,26 +56,32 @@ def main() -> None:
         records = json.loads(Path(args.data).read_text()) if args.data.endswith(".json") else \
             [json.loads(line) for line in open(args.data, encoding="utf-8")]
         src.write_text("".join(json.dumps(r) + "\n" for r in records[:args.n]))
-        opts = AuditOptions(model=args.model, dtype=args.dtype, batch_tokens=args.batch_tokens, overwrite=True)
+        cfg = AuditConfig(dtype=args.dtype, forward_batch_tokens=args.forward_batch_tokens)
         quiet = Console(stderr=True, quiet=True)
 
         # the batches the audit scores (same planning code as run_audit)
         items = collect_items([src], tokenizer, data)
         tmpl = resolve_template(data.template, tokenizer)
-        chunks = build_chunks(items, items, tokenizer, tmpl, data, opts)
-        batches = [b for c in chunks for b in make_batches(c.jobs, opts.batch_tokens, opts.max_batch_size)]
-        tokens = sum(len(j.ids) for b in batches for j in b)
-        padded = sum(len(b) * max(len(j.ids) for j in b) for b in batches)
-        scorer = Scorer(model, tokenizer.pad_token_id, args.dtype)
-        scorer.forward_only(batches[0])  # warm-up
+        chunks = build_chunks(items, items, tokenizer, tmpl, data, cfg)
+        batches = [b for c in chunks for b in make_batches(c.jobs, cfg.forward_batch_tokens, cfg.max_batch_size)]
+        tokens = sum(j.tokens for b in batches for j in b)
+        padded = sum(len(b) * max(j.tokens for j in b) for b in batches)
+        collated = [collate_padded([j.example for j in b], tokenizer.pad_token_id) for b in batches]
 
+        def forward(batch):  # the reference cost: a plain batched no-grad forward, full logits
+            with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
+                                                        enabled=args.dtype == "bf16"):
+                model(**model_inputs(model, batch), use_cache=False)
+
+        forward(collated[0])  # warm-up
         t0 = time.perf_counter()
-        for b in batches:
-            scorer.forward_only(b)
+        for b in collated:
+            forward(b)
         forward_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        run_audit([src], Path(tmp) / "audit", opts, data, quiet, model=model, tokenizer=tokenizer)
+        run_audit([src], Path(tmp) / "audit", cfg, data, args.model, overwrite=True, console=quiet, model=model,
+                  tokenizer=tokenizer)
         end_to_end_s = time.perf_counter() - t0
         meta = json.loads((Path(tmp) / "audit" / "audit.json").read_text())
 

@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-from sftlab.audit import AuditOptions, run_audit
+from sftlab.audit.command import run_audit
+from sftlab.config import AuditConfig
 from sftlab.data.pipeline import DataOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,9 +78,9 @@ def main() -> None:
 
     # 1. audit the base model on every task's training sample (before any training)
     audit = run_audit([str(tr) for tr, _ in splits.values()], args.out / "audit",
-                      AuditOptions(model=args.model, dtype="bf16", few_shot=args.few_shot,
-                                   few_shot_per_task=args.train_per_task, seed=args.seed),
-                      DataOptions(task_field="task", strip=(STRIP,)), console=console)
+                      AuditConfig(dtype="bf16", few_shot=args.few_shot, few_shot_per_task=args.train_per_task,
+                                  seed=args.seed),
+                      DataOptions(task_field="task", strip=(STRIP,)), args.model, console=console)
 
     # 2. the same small budget on each task alone
     rows = []

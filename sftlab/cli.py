@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .config import EvalConfig, ModelConfig
+from .config import AuditConfig, EvalConfig, ModelConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised instruction fine-tuning: audit what the model knows, train, evaluate, report.")
@@ -367,32 +367,33 @@ def audit_cmd(
     max_length: MaxLenOpt = None, truncation: TruncOpt = "truncate-prompt-left", strip: StripOpt = None,
     task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None, skip_invalid: SkipOpt = False,
     dedup: DedupOpt = False,
-    few_shot: Annotated[int, typer.Option("--few-shot", help="K solved examples of the same task before the prompt (few-shot baseline; 0: off)")] = 0,
-    few_shot_per_task: Annotated[int, typer.Option("--few-shot-per-task", help="Examples per task that get the few-shot baseline")] = 50,
-    generate: Annotated[bool, typer.Option("--generate", help="Greedy answers with normalised exact match and ROUGE-L")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Cap on generated tokens (also n_response_tokens + 16)")] = 64,
-    limit_per_task: Annotated[Optional[int], typer.Option("--limit-per-task", help="Audit a seeded uniform sample of N examples per task")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32 (exact) | bf16 (autocast; NLLs still from fp32 logits)")] = "fp32",
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch")] = 8192,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the per-task sample and the choice of shots")] = 0,
-    known_match: Annotated[float, typer.Option("--known-match", help="Verdict 'known' at greedy exact match >= this")] = 0.5,
-    known_nll: Annotated[float, typer.Option("--known-nll", help="Verdict 'known' at median s_cond <= this (nats/token)")] = 0.5,
-    latent_ratio: Annotated[float, typer.Option("--latent-ratio", help="Verdict 'latent' at median IFD or few-shot ratio <= this")] = 0.6,
+    few_shot: int = flag(AuditConfig, "few_shot"),
+    few_shot_per_task: int = flag(AuditConfig, "few_shot_per_task"),
+    generate: bool = flag(AuditConfig, "generate"),
+    max_new_tokens: int = flag(AuditConfig, "max_new_tokens"),
+    limit_per_task: Optional[int] = flag(AuditConfig, "limit_per_task"),
+    dtype: str = flag(AuditConfig, "dtype"),
+    forward_batch_tokens: int = flag(AuditConfig, "forward_batch_tokens"),
+    max_batch_size: int = flag(AuditConfig, "max_batch_size"),
+    chunk_examples: int = flag(AuditConfig, "chunk_examples"),
+    seed: int = flag(AuditConfig, "seed"),
+    known_match: float = flag(AuditConfig, "known_match"),
+    known_nll: float = flag(AuditConfig, "known_nll"),
+    latent_ratio: float = flag(AuditConfig, "latent_ratio"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard earlier results in --out instead of resuming")] = False,
 ):
     """Measure what the base model already knows: s_cond, s_uncond, IFD per example; verdicts per task."""
-    from .audit import AuditOptions, Thresholds, run_audit
+    from .audit.command import run_audit
 
     def go():
-        if task_map and task_field:
-            raise ValueError("pass either --task-map or --task-field, not both")
-        opts = AuditOptions(model=model, dtype=dtype, few_shot=few_shot, few_shot_per_task=few_shot_per_task,
-                            generate=generate, max_new_tokens=max_new_tokens, limit_per_task=limit_per_task,
-                            seed=seed, batch_tokens=batch_tokens, overwrite=overwrite,
-                            thresholds=Thresholds(known_match, known_nll, latent_ratio))
+        cfg = AuditConfig(few_shot=few_shot, few_shot_per_task=few_shot_per_task, generate=generate,
+                          max_new_tokens=max_new_tokens, limit_per_task=limit_per_task, dtype=dtype,
+                          forward_batch_tokens=forward_batch_tokens, max_batch_size=max_batch_size,
+                          chunk_examples=chunk_examples, seed=seed, known_match=known_match, known_nll=known_nll,
+                          latent_ratio=latent_ratio)
         dopts = data_options(fmt, template, max_length, truncation, "last_assistant", 0.0, strip, task_map,
                              task_field, skip_invalid, dedup)
-        return run_audit(data, out, opts, dopts, console)
+        return run_audit(data, out, cfg, dopts, model, overwrite, console)
 
     run_guarded(go)
 

@@ -151,11 +151,20 @@ class AuditConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Cap on generated tokens (also n_response_tokens + 16)")
     limit_per_task: int | None = Field(None, ge=1, description="Audit a seeded uniform sample of N examples per task")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (exact) | bf16 (autocast; NLLs from fp32 logits)")
-    batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward batch")
+    forward_batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass (and generation batch)")
+    max_batch_size: int = Field(64, ge=1, description="Sequences per forward pass at most")
+    chunk_examples: int = Field(128, ge=1, description="Examples scored and saved together (the unit of resuming)")
     seed: int = Field(0, description="Seed of the per-task sample and the choice of shots")
     known_match: float = Field(0.5, ge=0, le=1, description="Verdict 'known' at greedy exact match >= this")
     known_nll: float = Field(0.5, ge=0, description="Verdict 'known' at median s_cond <= this (nats/token)")
     latent_ratio: float = Field(0.6, gt=0, description="Verdict 'latent' at median IFD or few-shot ratio <= this")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "batch_tokens" in data:
+            raise ValueError("audit.batch_tokens was renamed to audit.forward_batch_tokens")
+        return data
 
 
 class SelectConfig(Strict):

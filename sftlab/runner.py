@@ -97,15 +97,12 @@ def eval_enabled(cfg: RunConfig) -> bool:
 
 # ---- the stages -----------------------------------------------------------------------------------------------------
 def _run_audit(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
-    from .audit import VERDICTS, AuditOptions, Thresholds, run_audit
+    from .audit.command import run_audit
+    from .audit.verdicts import VERDICTS
     from .train.loop import data_options
 
-    a = cfg.audit
-    opts = AuditOptions(model=cfg.model.path, dtype=a.dtype, few_shot=a.few_shot,
-                        few_shot_per_task=a.few_shot_per_task, generate=a.generate, max_new_tokens=a.max_new_tokens,
-                        limit_per_task=a.limit_per_task, seed=a.seed, batch_tokens=a.batch_tokens,
-                        thresholds=Thresholds(a.known_match, a.known_nll, a.latent_ratio))
-    summary = run_audit(list(cfg.data.train), run_dir / "audit", opts, data_options(cfg), console)
+    summary = run_audit(list(cfg.data.train), run_dir / "audit", cfg.audit, data_options(cfg), cfg.model.path,
+                        console=console)
     counts = Counter(s["verdict"] for s in summary["tasks"].values())
     return {"examples": summary["overall"]["n"], "tasks": len(summary["tasks"]),
             "verdicts": {v: counts[v] for v in VERDICTS}}

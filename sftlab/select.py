@@ -32,7 +32,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import layout
-from .io import atomic_write
+from .io import atomic_write, read_jsonl
 
 STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse")
 
@@ -62,16 +62,10 @@ def load_audit(audit_dir: str | Path) -> tuple[list[dict], dict]:
     for name in ("examples.jsonl", "tasks.json"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d}: no {name}; run `sftlab audit ... --out {d}` to completion first")
-    rows = []
-    with open(d / "examples.jsonl", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{d / 'examples.jsonl'}:{lineno}: invalid JSON: {e.msg}") from None
-            if "messages" not in row or "index" not in row:
-                raise ValueError(f"{d / 'examples.jsonl'}:{lineno}: not an audit row (no messages/index)")
-            rows.append(row)
+    rows = read_jsonl(d / "examples.jsonl")
+    for lineno, row in enumerate(rows, start=1):
+        if "messages" not in row or "index" not in row:
+            raise ValueError(f"{d / 'examples.jsonl'}:{lineno}: not an audit row (no messages/index)")
     rows.sort(key=lambda r: r["index"])
     return rows, json.loads((d / "tasks.json").read_text(encoding="utf-8"))
 

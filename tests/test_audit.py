@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sftlab.audit import AuditOptions, Thresholds, example_verdict, run_audit, task_stats, verdict
+from sftlab.audit.command import run_audit
+from sftlab.audit.verdicts import example_verdict, task_stats, verdict
+from sftlab.config import AuditConfig, ConfigError, load_config
 from sftlab.data.pipeline import DataOptions, iter_examples
 
 T0_FILES = ("ag_news_classify.jsonl", "common_gen_Example_prompt.jsonl")
@@ -73,7 +75,7 @@ def _data(**kw) -> DataOptions:
 
 
 def test_exact_scores_tiny_model(tmp_path, tiny_model, tokenizer, shared_data):
-    opts = AuditOptions(limit_per_task=3, batch_tokens=2048)
+    opts = AuditConfig(limit_per_task=3, forward_batch_tokens=2048)
     run_audit(_t0(shared_data), tmp_path / "a", opts, _data(), model=tiny_model, tokenizer=tokenizer)
     _check_against_reference(tmp_path / "a", tiny_model, tokenizer, expected_n=6)
 
@@ -83,7 +85,7 @@ def test_exact_scores_default_model(tmp_path, tokenizer, shared_data):
     from sftlab.models import load_model
 
     model = load_model("default", dtype="fp32").eval()
-    opts = AuditOptions(limit_per_task=4, dtype="fp32")
+    opts = AuditConfig(limit_per_task=4, dtype="fp32")
     run_audit(_t0(shared_data, SHORT_T0_FILES), tmp_path / "a", opts, _data(), model=model, tokenizer=tokenizer)
     _check_against_reference(tmp_path / "a", model, tokenizer, expected_n=8)
 
@@ -93,7 +95,7 @@ def test_scores_ignore_padding_and_batching(tmp_path, tiny_model, tokenizer, sha
     rows = {}
     for bt in (1, 100_000):
         out = tmp_path / f"bt{bt}"
-        run_audit(_t0(shared_data), out, AuditOptions(limit_per_task=3, batch_tokens=bt), _data(),
+        run_audit(_t0(shared_data), out, AuditConfig(limit_per_task=3, forward_batch_tokens=bt), _data(),
                   model=tiny_model, tokenizer=tokenizer)
         rows[bt] = [json.loads(line) for line in open(out / "examples.jsonl")]
     for a, b in zip(rows[1], rows[100_000], strict=True):
@@ -106,7 +108,7 @@ def test_multi_turn_scores_last_assistant_turn(tmp_path, tiny_model, tokenizer):
                          {"role": "user", "content": "Now say two."}, {"role": "assistant", "content": "Two, then."}]}
     path = tmp_path / "mt.jsonl"
     path.write_text(json.dumps(conv) + "\n")
-    run_audit([path], tmp_path / "a", AuditOptions(), DataOptions(), model=tiny_model, tokenizer=tokenizer)
+    run_audit([path], tmp_path / "a", AuditConfig(), DataOptions(), model=tiny_model, tokenizer=tokenizer)
     row = json.loads((tmp_path / "a" / "examples.jsonl").read_text())
     full = tokenizer.apply_chat_template(conv["messages"], tokenize=False)[:-1]
     head = tokenizer.apply_chat_template(conv["messages"][:3], tokenize=False, add_generation_prompt=True)
@@ -123,7 +125,7 @@ def _rows(path):
 
 def test_resume_after_deleting_lines(tmp_path, tiny_model, tokenizer, shared_data):
     out = tmp_path / "a"
-    opts = AuditOptions(limit_per_task=4, few_shot=1, generate=True, max_new_tokens=3, chunk_examples=3)
+    opts = AuditConfig(limit_per_task=4, few_shot=1, generate=True, max_new_tokens=3, chunk_examples=3)
     run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer)
     first = _rows(out / "examples.jsonl")
     emb = np.load(out / "embeddings.npy")
@@ -146,25 +148,19 @@ def test_resume_after_deleting_lines(tmp_path, tiny_model, tokenizer, shared_dat
     assert not (out / "examples.partial.jsonl").exists() and not (out / "embeddings.partial").exists()
 
 
-def test_resume_after_interruption(tmp_path, tiny_model, tokenizer, shared_data, monkeypatch):
-    import sftlab.audit as audit
-
+def test_resume_after_interruption(tmp_path, tiny_model, tokenizer, shared_data):
     out = tmp_path / "a"
-    opts = AuditOptions(limit_per_task=3, chunk_examples=2)
-    real = audit.run_chunk
-    calls = {"n": 0}
+    opts = AuditConfig(limit_per_task=3, chunk_examples=2)
 
-    def interrupted(*args, **kwargs):
-        if calls["n"] == 2:
+    def interrupt_after_two_chunks(k, rows):
+        assert len(rows) == 2
+        if k == 1:
             raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(audit, "run_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer)
+        run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer,
+                  on_chunk=interrupt_after_two_chunks)
     assert len(_rows(out / "examples.partial.jsonl")) == 4 and not (out / "examples.jsonl").exists()
-    monkeypatch.setattr(audit, "run_chunk", real)
     run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer)
     meta = json.loads((out / "audit.json").read_text())
     assert (meta["resumed"], meta["scored"]) == (4, 2)
@@ -177,20 +173,45 @@ def test_resume_after_interruption(tmp_path, tiny_model, tokenizer, shared_data,
         assert a["ifd"] == pytest.approx(b["ifd"], rel=1e-5)
 
 
+def test_resume_after_a_torn_partial_line(tmp_path, tiny_model, tokenizer, shared_data):
+    """A kill mid-append leaves half a row: the rerun drops it, rescores that example, and appends cleanly."""
+    out = tmp_path / "a"
+    opts = AuditConfig(limit_per_task=3, chunk_examples=2)
+
+    def stop(k, rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer, on_chunk=stop)
+    partial = out / "examples.partial.jsonl"
+    first, second = partial.read_text().splitlines()
+    partial.write_text(first + "\n" + second[:len(second) // 2])  # the second row cut in half
+    run_audit(_t0(shared_data), out, opts, _data(), model=tiny_model, tokenizer=tokenizer)
+    meta = json.loads((out / "audit.json").read_text())
+    assert (meta["resumed"], meta["scored"]) == (1, 5)
+    assert [r["index"] for r in _rows(out / "examples.jsonl")] == list(range(6))
+
+
+def test_renamed_batch_tokens_names_the_new_key():
+    with pytest.raises(ConfigError, match="audit.batch_tokens was renamed to audit.forward_batch_tokens"):
+        load_config(None, ["audit.batch_tokens=4096"])
+    assert load_config(None, ["audit.forward_batch_tokens=4096"]).audit.forward_batch_tokens == 4096
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny_model, tokenizer, shared_data):
     out = tmp_path / "a"
-    run_audit(_t0(shared_data), out, AuditOptions(limit_per_task=2), _data(), model=tiny_model, tokenizer=tokenizer)
+    run_audit(_t0(shared_data), out, AuditConfig(limit_per_task=2), _data(), model=tiny_model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="different settings.*limit_per_task"):
-        run_audit(_t0(shared_data), out, AuditOptions(limit_per_task=3), _data(), model=tiny_model,
+        run_audit(_t0(shared_data), out, AuditConfig(limit_per_task=3), _data(), model=tiny_model,
                   tokenizer=tokenizer)
-    run_audit(_t0(shared_data), out, AuditOptions(limit_per_task=3, overwrite=True), _data(), model=tiny_model,
+    run_audit(_t0(shared_data), out, AuditConfig(limit_per_task=3), _data(), overwrite=True, model=tiny_model,
               tokenizer=tokenizer)
     assert len(_rows(out / "examples.jsonl")) == 6
 
 
 # ---- per-task sample, few-shot, verdicts --------------------------------------------------------------------------
 def test_limit_per_task_is_a_seeded_sample_in_input_order(tmp_path, tokenizer, shared_data):
-    from sftlab.audit import collect_items
+    from sftlab.audit.items import collect_items
 
     data = _data(task_map=str(shared_data / "t0-tasks.json"))
     files = _t0(shared_data, ("ag_news_classify.jsonl", "ag_news_recommend.jsonl"))
@@ -205,7 +226,8 @@ def test_limit_per_task_is_a_seeded_sample_in_input_order(tmp_path, tokenizer, s
 
 
 def test_few_shot_prompt_holds_other_examples_of_the_task(tokenizer, shared_data):
-    from sftlab.audit import collect_items, plan_shots, shot_conversation
+    from sftlab.audit.items import collect_items, plan_shots
+    from sftlab.data.fewshot import shot_conversation
 
     items = collect_items(_t0(shared_data), tokenizer, _data(), limit_per_task=4)
     plan = plan_shots(items, k=2, per_task=3, seed=0)
@@ -222,7 +244,7 @@ def test_few_shot_prompt_holds_other_examples_of_the_task(tokenizer, shared_data
         assert [m.train for m in conv.messages if m.role == "assistant"][:2] == [False, False]
 
 
-TH = Thresholds(known_match=0.5, known_nll=0.5, latent_ratio=0.6)
+TH = AuditConfig(known_match=0.5, known_nll=0.5, latent_ratio=0.6)
 
 
 @pytest.mark.parametrize("kw,expected", [
@@ -249,8 +271,8 @@ def test_task_verdict_uses_medians_and_configurable_thresholds():
     assert st["s_cond"]["p50"] == pytest.approx(2.2) and st["s_cond"]["mean"] == pytest.approx(3.44)
     assert st["share_ifd_gt_1"] == pytest.approx(0.2)  # 9/4 > 1
     assert st["verdicts"] == {"latent": 3, "unknown": 2}
-    assert task_stats(rows, Thresholds(latent_ratio=0.5))["verdict"] == "unknown"
-    assert task_stats(rows, Thresholds(known_nll=2.5))["verdict"] == "known"
+    assert task_stats(rows, AuditConfig(latent_ratio=0.5))["verdict"] == "unknown"
+    assert task_stats(rows, AuditConfig(known_nll=2.5))["verdict"] == "known"
     assert example_verdict({"s_cond": 0.2, "ifd": 2.0}, TH) == "known"
 
 

@@ -176,3 +176,28 @@ def test_peft_model_runs_body_with_lora_active():
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_response_nll_per_example_equals_transformers_loss():
+    """The one response-token NLL (audit, eval, validation): per row of a padded batch, HF's own loss x count;
+    the head sees only the scored positions, one chunk at a time; the full-forward path agrees."""
+    from sftlab.lm import response_nll
+
+    model = make_tiny_llama(vocab_size=V).eval()
+    examples = _examples(seed=4, n=5)
+    batch = collate_padded(examples, pad_token_id=2)
+    rows = []
+    hook = output_head(model).register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    res = response_nll(model, batch, chunk_size=8, pool=True)
+    hook.remove()
+    n_scored = sum(sum(y != -100 for y in ex.labels[1:]) for ex in examples)
+    assert max(rows) <= 8 and sum(rows) == n_scored
+    full = response_nll(model, batch, head_only=False)
+    for r, ex in enumerate(examples):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]),
+                        output_hidden_states=True)
+        n = sum(y != -100 for y in ex.labels[1:])
+        assert int(res.counts[r]) == n and res.means[r] == pytest.approx(out.loss.item(), abs=1e-5)
+        assert float(full.sums[r]) == pytest.approx(float(res.sums[r]), abs=1e-4)
+        torch.testing.assert_close(res.pooled[r], out.hidden_states[-1][0].mean(0), atol=1e-5, rtol=0)

@@ -114,6 +114,20 @@ def length_grouped_batches(lengths: Sequence[int], *, batch_tokens: int | None =
     return batches
 
 
+def length_batches(lengths: list[int], batch_tokens: int, max_batch: int = 64) -> list[list[int]]:
+    """Indices grouped by ascending length so that batch size x longest length stays within `batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, cur = [], []
+    for i in order:
+        if cur and ((len(cur) + 1) * lengths[i] > batch_tokens or len(cur) >= max_batch):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def largest_first(batches: list[list[int]], sizes: Sequence[int]) -> list[list[int]]:
     """The batch of the largest size moved to the front, the others in their order.
 

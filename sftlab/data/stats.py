@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ..io import atomic_write
-from .pipeline import DataOptions, DataReport, iter_examples, record_progress, total_records
+from .pipeline import DataOptions, DataReport, iter_examples, record_progress
 from .tokenize import IGNORE
 
 

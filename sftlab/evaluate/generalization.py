@@ -31,6 +31,7 @@ from ..data.pipeline import (DataOptions, DataReport, encode_conversations, iter
                              keep_examples)
 from ..data.template import resolve_template
 from ..data.tokenize import Example, protected_pattern
+from ..lm import GEN_MARGIN
 from .metrics import exact_match, label_set, normalise_answer, paired_bootstrap_ci, predict_label, rouge_l
 
 METRICS = ("nll", "exact_match", "rouge_l", "accuracy")
@@ -92,7 +93,8 @@ def load_task_items(inputs: list[str], tokenizer, opts: DataOptions, limit: int 
     return items
 
 
-def generation_budgets(items: list[TaskItem], tokenizer, max_new_tokens: int, margin: int = 16) -> dict[str, int]:
+def generation_budgets(items: list[TaskItem], tokenizer, max_new_tokens: int,
+                       margin: int = GEN_MARGIN) -> dict[str, int]:
     """Per task: min(max_new_tokens, longest reference in tokens + margin)."""
     longest: dict[str, int] = defaultdict(int)
     for it in items:

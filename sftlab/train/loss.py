@@ -11,9 +11,8 @@ hidden states first and runs the head and cross-entropy on `chunk_size` of them 
 `torch.utils.checkpoint` so backward recomputes one chunk's logits instead of keeping all of them. The head
 runs in the model's dtype (bf16 under autocast); the logits are upcast to fp32 before the softmax.
 
-The model body is called without its head (`model_hidden_states`), which works for any HF causal LM whose
-head is a plain projection, and for a peft-wrapped one: LoRA layers live inside the body's modules, so calling
-the body of the unwrapped base model keeps them active.
+The body/head split, the trained positions and the chunked per-position NLL are `sftlab.lm`'s (shared with
+validation, the audit and evaluation); this module adds the weights and the KL term.
 
 KL to the base model (`train.kl_to_base`): `chunked_ce_kl_sum` also returns sum_t KL(p_tuned || p_base) over the
 same trained positions and with the same weights, from the same chunks: the base model's hidden states are
@@ -29,15 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# configs whose CausalLM head does more than a projection (softcapping, scaling), which we would skip
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+from ..lm import model_hidden_states, nll_chunks, output_head, trained_positions
 
-
-def _nll(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="none")
+__all__ = ["chunked_ce_sum", "chunked_ce_kl_sum", "sft_loss_sum", "sft_kl_loss_sum", "base_hidden_states",
+           "model_hidden_states", "output_head"]
 
 
 def chunked_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, weights: torch.Tensor | None = None,
@@ -50,35 +44,20 @@ def chunked_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tenso
     """
     keep, y, w = _trained_positions(hidden, labels, weights, chunk_size)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    # at least one (possibly empty) chunk, so the result stays connected to hidden and the head's parameters
-    for s in range(0, max(len(y), 1), chunk_size):
-        hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
-        nll = checkpoint(_nll, lm_head, hc, yc, use_reentrant=False) if grad else _nll(lm_head, hc, yc)
+    for s, nll in nll_chunks(lm_head, h, y, chunk_size):
         total = total + (nll.sum() if w is None else (nll * w[s:s + chunk_size]).sum())
     weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
     return total, weight_sum
 
 
 def _trained_positions(hidden, labels, weights, chunk_size):
-    """Flat indices of positions whose next label is trained, their targets, and their weights (or None)."""
+    """`lm.trained_positions` of a batch whose hidden states are `hidden`, after checking the shapes agree."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    labels = labels.to(hidden.device)
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1
-    targets = targets.reshape(-1)
-    keep = (targets != IGNORE).nonzero().squeeze(1)
-    y = targets.index_select(0, keep)
-    w = None
-    if weights is not None:
-        w = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-        w[:, :-1] = weights.to(hidden.device, torch.float32)[:, 1:]
-        w = w.reshape(-1).index_select(0, keep)
-    return keep, y, w
+    return trained_positions(labels, weights, device=hidden.device)
 
 
 def _nll_kl(lm_head: nn.Module, base_head: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor,
@@ -116,40 +95,6 @@ def chunked_ce_kl_sum(hidden: torch.Tensor, lm_head: nn.Module, base_hidden: tor
         nll_total, kl_total = nll_total + nll.sum(), kl_total + kl.sum()
     weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
     return nll_total, weight_sum, kl_total
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def output_head(model: nn.Module) -> nn.Module:
-    """The LM head (output projection) of an HF causal LM, peft-wrapped or not."""
-    head = _base_model(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(_base_model(model)).__name__} has no output embeddings (not a causal LM?)")
-    return head
-
-
-def model_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Last hidden states [B, T, H] of the model body (no LM head) for a collated batch.
-
-    Passes only input_ids / attention_mask / position_ids (moved to the model's device) and `use_cache=False`:
-    with a cache, transformers skips packed-sequence detection and packed examples would attend to each other.
-    """
-    base = _base_model(model)
-    cfg = getattr(base, "config", None)
-    for name in _LOGIT_POSTPROCESSING:
-        value = getattr(cfg, name, None) if cfg is not None else None
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(base).__name__} post-processes its logits ({name}={value}); "
-                                      f"the chunked loss would skip that")
-    body = base.get_decoder()
-    if body is base:
-        raise ValueError(f"cannot find the decoder body of {type(base).__name__}")
-    device = base.get_input_embeddings().weight.device
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if batch.get(k) is not None}
-    return body(**inputs, use_cache=False).last_hidden_state
 
 
 def sft_loss_sum(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
