@@ -12,7 +12,7 @@ import torch
 from sftlab.audit.command import run_audit
 from sftlab.audit.verdicts import example_verdict, task_stats, verdict
 from sftlab.config import AuditConfig, ConfigError, load_config
-from sftlab.data.pipeline import DataOptions, iter_examples
+from sftlab.data.pipeline import DataOptions
 
 T0_FILES = ("ag_news_classify.jsonl", "common_gen_Example_prompt.jsonl")
 SHORT_T0_FILES = ("sciq_Direct_Question_Closed_Book_.jsonl", "cosmos_qa_only_question_answer.jsonl")  # ~40 tokens
