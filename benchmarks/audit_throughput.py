@@ -41,15 +41,14 @@ def main() -> None:
     from sftlab.audit.scoring import build_chunks, make_batches
     from sftlab.config import AuditConfig
     from sftlab.data.packing import collate_padded
-    from sftlab.data.pipeline import DataOptions
+    from sftlab.config import DataConfig
     from sftlab.lm import model_inputs
     from sftlab.data.template import resolve_template
-    from sftlab.data.tokenize import TokenizeOptions
     from sftlab.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model).eval()
-    data = DataOptions(tokenize=TokenizeOptions(max_length=args.max_length))
+    data = DataConfig(max_length=args.max_length)
     # --n examples: a sample of n per task of a one-task file is its first n in hash order; take the first n lines
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "data.jsonl"

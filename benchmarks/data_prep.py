@@ -195,8 +195,7 @@ def compare(pairs, trl_ds, n: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     err = Console(stderr=True)
-    from sftlab.data.pipeline import DataOptions
-    from sftlab.data.tokenize import TokenizeOptions
+    from sftlab.config import DataConfig
     from sftlab.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
@@ -204,7 +203,7 @@ def main(argv=None) -> dict:
     lines = sample_lines(args.data, args.n, args.seed)
     records = trl_records(lines, strip)
     pack = None if args.no_pack else pack_function()
-    opts = DataOptions(strip=strip, skip_invalid=True, tokenize=TokenizeOptions(max_length=args.max_length))
+    opts = DataConfig(strip=strip, skip_invalid=True, max_length=args.max_length)
     times: dict[str, list[float]] = {"sftlab": [], "trl": [], "sftlab_cpu": [], "trl_cpu": [],
                                       "sftlab_pack": [], "trl_pack": []}
 

@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 
 from sftlab.audit.command import run_audit
 from sftlab.config import AuditConfig
-from sftlab.data.pipeline import DataOptions
+from sftlab.config import DataConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, STRIP, t0_tasks, task_rows, train_run, write_jsonl  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     audit = run_audit([str(tr) for tr, _ in splits.values()], args.out / "audit",
                       AuditConfig(dtype="bf16", few_shot=args.few_shot, few_shot_per_task=args.train_per_task,
                                   seed=args.seed),
-                      DataOptions(task_field="task", strip=(STRIP,)), args.model, console=console)
+                      DataConfig(task_field="task", strip=(STRIP,)), args.model, console=console)
 
     # 2. the same small budget on each task alone
     rows = []

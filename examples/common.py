@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from sftlab.config import EvalConfig, load_config
-from sftlab.data.pipeline import DataOptions
+from sftlab.config import DataConfig
 from sftlab.evaluate.evaluate import evaluate
 from sftlab.train.loop import train
 
@@ -75,7 +75,7 @@ def eval_run(model: str | Path, out: Path, data: list[Path], console: Console, b
     metrics = out / "metrics.json"
     if not metrics.exists():
         cfg = EvalConfig(data=[str(p) for p in data], general=[str(p) for p in general], **kw)
-        evaluate(cfg, str(model), out, DataOptions(task_field="task", strip=(STRIP,)),
+        evaluate(cfg, str(model), out, DataConfig(task_field="task", strip=(STRIP,)),
                  base=str(base) if base else None, console=console)
     return json.loads(metrics.read_text())
 

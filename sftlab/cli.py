@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .config import AuditConfig, EvalConfig, ModelConfig
+from .config import AuditConfig, DataConfig, EvalConfig, ModelConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Supervised instruction fine-tuning: audit what the model knows, train, evaluate, report.")
@@ -20,17 +20,11 @@ console = Console(stderr=True)
 # ---- shared options (the same names as the config keys) -------------------------------------------------
 HelpConfigOpt = Annotated[bool, typer.Option("--help-config", help="List every config key with default and description")]
 ModelOpt = Annotated[str, typer.Option("--model", help="HF model dir, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")]
-FormatOpt = Annotated[Optional[str], typer.Option("--format", help="alpaca | prompt_completion | messages | sharegpt (default: detect per file)")]
-TemplateOpt = Annotated[str, typer.Option("--template", help="'default' (tokenizer's chat template), chatml, alpaca, or a .jinja file")]
-MaxLenOpt = Annotated[Optional[int], typer.Option("--max-length", help="Maximum tokens per example")]
-TruncOpt = Annotated[str, typer.Option("--truncation", help="truncate-prompt-left | drop")]
-LossOnOpt = Annotated[str, typer.Option("--loss-on", help="assistant | last_assistant | all")]
-PromptWOpt = Annotated[float, typer.Option("--prompt-loss-weight", help="Loss weight of non-response tokens, in [0, 1]")]
-StripOpt = Annotated[Optional[list[str]], typer.Option("--strip", help="Trailing text to remove from responses (repeatable)")]
-TaskMapOpt = Annotated[Optional[Path], typer.Option("--task-map", help="JSON: file stem -> task (or -> {task: ...})")]
-TaskFieldOpt = Annotated[Optional[str], typer.Option("--task-field", help="Record field holding the task label")]
-SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Skip invalid records and report counts per reason")]
-DedupOpt = Annotated[bool, typer.Option("--dedup", help="Drop exact duplicate conversations")]
+D = DataConfig()  # the data options' defaults: every data flag's default is the config's own
+
+
+def _decls(name: str, decls: tuple[str, ...]) -> tuple[str, ...]:
+    return decls or (f"--{name.replace('_', '-')}",)
 
 
 def flag(section, name: str, *decls: str, **kwargs):
@@ -38,18 +32,39 @@ def flag(section, name: str, *decls: str, **kwargs):
     YAML, `key=value` overrides, CLI flags and the Python API (`--max-new-tokens` for `max_new_tokens`)."""
     field = section.model_fields[name]
     default = field.default_factory() if field.default_factory else field.default
-    return typer.Option(default, *(decls or (f"--{name.replace('_', '-')}",)), help=field.description, **kwargs)
+    return typer.Option(default, *_decls(name, decls), help=field.description, **kwargs)
 
 
-def data_options(fmt, template, max_length, truncation, loss_on, prompt_loss_weight, strip, task_map, task_field,
-                 skip_invalid, dedup):
-    from .data.pipeline import DataOptions
-    from .data.tokenize import TokenizeOptions
+def described(section, name: str, *decls: str, **kwargs):
+    """The same for an `Annotated` option (its default goes in the signature: `= D.name`)."""
+    return typer.Option(*_decls(name, decls), help=section.model_fields[name].description, **kwargs)
 
-    return DataOptions(format=fmt, task_field=task_field, task_map=str(task_map) if task_map else None,
-                       strip=tuple(strip or ()), template=template, skip_invalid=skip_invalid, dedup=dedup,
-                       tokenize=TokenizeOptions(max_length=max_length, truncation=truncation, loss_on=loss_on,
-                                                prompt_loss_weight=prompt_loss_weight))
+
+FormatOpt = Annotated[Optional[str], described(DataConfig, "format")]
+TemplateOpt = Annotated[str, described(DataConfig, "template")]
+MaxLenOpt = Annotated[Optional[int], described(DataConfig, "max_length")]
+TruncOpt = Annotated[str, described(DataConfig, "truncation")]
+LossOnOpt = Annotated[str, described(DataConfig, "loss_on")]
+PromptWOpt = Annotated[float, described(DataConfig, "prompt_loss_weight")]
+StripOpt = Annotated[Optional[list[str]], described(DataConfig, "strip")]
+TaskMapOpt = Annotated[Optional[str], described(DataConfig, "task_map")]
+TaskFieldOpt = Annotated[Optional[str], described(DataConfig, "task_field")]
+SkipOpt = Annotated[bool, described(DataConfig, "skip_invalid")]
+DedupOpt = Annotated[bool, described(DataConfig, "dedup")]
+
+
+def data_config(**flags) -> DataConfig:
+    """The data options of a command's flags (flags it does not take keep the config's defaults), validated by
+    the config; a bad value is an error naming its flag."""
+    from pydantic import ValidationError
+
+    flags["strip"] = list(flags.get("strip") or [])
+    try:
+        return DataConfig(**flags)
+    except ValidationError as e:
+        raise ValueError("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                                   if err["loc"] else err["msg"].removeprefix("Value error, ")
+                                   for err in e.errors())) from None
 
 
 def fail(message: str, code: int = 1):
@@ -108,17 +123,18 @@ def run_training(fn):
 def data_tokenize(
     data: Annotated[list[str], typer.Argument(help="Files, directories, globs or saved datasets")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: {task, input_ids, labels} per example")],
-    model: ModelOpt = "default", fmt: FormatOpt = None, template: TemplateOpt = "default",
-    max_length: MaxLenOpt = None, truncation: TruncOpt = "truncate-prompt-left", loss_on: LossOnOpt = "assistant",
-    prompt_loss_weight: PromptWOpt = 0.0, strip: StripOpt = None, task_map: TaskMapOpt = None,
-    task_field: TaskFieldOpt = None, skip_invalid: SkipOpt = False, dedup: DedupOpt = False,
+    model: ModelOpt = "default", fmt: FormatOpt = D.format, template: TemplateOpt = D.template,
+    max_length: MaxLenOpt = D.max_length, truncation: TruncOpt = D.truncation, loss_on: LossOnOpt = D.loss_on,
+    prompt_loss_weight: PromptWOpt = D.prompt_loss_weight, strip: StripOpt = None, task_map: TaskMapOpt = D.task_map,
+    task_field: TaskFieldOpt = D.task_field, skip_invalid: SkipOpt = D.skip_invalid, dedup: DedupOpt = D.dedup,
 ):
     """Write exactly the (unpacked) tensors training will see, one line per example in input order."""
     from .data.stats import tokenize_to_file
 
     def go():
-        opts = data_options(fmt, template, max_length, truncation, loss_on, prompt_loss_weight, strip, task_map,
-                            task_field, skip_invalid, dedup)
+        opts = data_config(format=fmt, template=template, max_length=max_length, truncation=truncation,
+                           loss_on=loss_on, prompt_loss_weight=prompt_loss_weight, strip=strip, task_map=task_map,
+                           task_field=task_field, skip_invalid=skip_invalid, dedup=dedup)
         return tokenize_to_file(data, model, opts, out, console)
 
     run_guarded(go)
@@ -127,10 +143,10 @@ def data_tokenize(
 @data_app.command("inspect")
 def data_inspect(
     data: Annotated[list[str], typer.Argument(help="Files, directories, globs or saved datasets")],
-    model: ModelOpt = "default", fmt: FormatOpt = None, template: TemplateOpt = "default",
-    max_length: MaxLenOpt = None, truncation: TruncOpt = "truncate-prompt-left", loss_on: LossOnOpt = "assistant",
-    prompt_loss_weight: PromptWOpt = 0.0, strip: StripOpt = None, task_map: TaskMapOpt = None,
-    task_field: TaskFieldOpt = None, dedup: DedupOpt = False,
+    model: ModelOpt = "default", fmt: FormatOpt = D.format, template: TemplateOpt = D.template,
+    max_length: MaxLenOpt = D.max_length, truncation: TruncOpt = D.truncation, loss_on: LossOnOpt = D.loss_on,
+    prompt_loss_weight: PromptWOpt = D.prompt_loss_weight, strip: StripOpt = None, task_map: TaskMapOpt = D.task_map,
+    task_field: TaskFieldOpt = D.task_field, dedup: DedupOpt = D.dedup,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout")] = False,
 ):
     """Counts per format and task, token lengths, trained fraction, invalid records, special-token warnings."""
@@ -138,8 +154,9 @@ def data_inspect(
 
     def go():
         # inspect reports invalid records instead of stopping at the first one
-        opts = data_options(fmt, template, max_length, truncation, loss_on, prompt_loss_weight, strip, task_map,
-                            task_field, True, dedup)
+        opts = data_config(format=fmt, template=template, max_length=max_length, truncation=truncation,
+                           loss_on=loss_on, prompt_loss_weight=prompt_loss_weight, strip=strip, task_map=task_map,
+                           task_field=task_field, skip_invalid=True, dedup=dedup)
         return inspect_data(data, model, opts, console, as_json=as_json)
 
     run_guarded(go)
@@ -209,16 +226,15 @@ def data_split(
     holdout_fraction: Annotated[Optional[float], typer.Option("--holdout-fraction", help="Share of tasks held out, chosen with --seed")] = None,
     instance_fraction: Annotated[float, typer.Option("--instance-fraction", help="Share of each training task's examples in heldout-instances")] = 0.1,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same split)")] = 0,
-    fmt: FormatOpt = None, strip: StripOpt = None, task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None,
-    skip_invalid: SkipOpt = False, dedup: DedupOpt = False,
+    fmt: FormatOpt = D.format, strip: StripOpt = None, task_map: TaskMapOpt = D.task_map, task_field: TaskFieldOpt = D.task_field,
+    skip_invalid: SkipOpt = D.skip_invalid, dedup: DedupOpt = D.dedup,
 ):
     """Split data into train / held-out instances (same tasks) / held-out tasks (unseen tasks)."""
-    from .data.pipeline import DataOptions
     from .data.split import SplitOptions, write_split
 
     def go():
-        opts = DataOptions(format=fmt, task_field=task_field, task_map=str(task_map) if task_map else None,
-                           strip=tuple(strip or ()), skip_invalid=skip_invalid, dedup=dedup)
+        opts = data_config(format=fmt, task_field=task_field, task_map=task_map, strip=strip,
+                           skip_invalid=skip_invalid, dedup=dedup)
         names = lambda s: tuple(x.strip() for x in (s or "").split(",") if x.strip())  # noqa: E731
         split = SplitOptions(by=by, holdout=names(holdout), holdout_cluster=names(holdout_cluster),
                              holdout_fraction=holdout_fraction, instance_fraction=instance_fraction, seed=seed)
@@ -252,9 +268,9 @@ def eval_cmd(
     bootstrap: int = flag(EvalConfig, "bootstrap"),
     seed: int = flag(EvalConfig, "seed"),
     dtype: str = flag(ModelConfig, "dtype"),
-    fmt: FormatOpt = None, template: TemplateOpt = "default", max_length: MaxLenOpt = None,
-    truncation: TruncOpt = "truncate-prompt-left", loss_on: LossOnOpt = "assistant", strip: StripOpt = None,
-    task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None, skip_invalid: SkipOpt = False,
+    fmt: FormatOpt = D.format, template: TemplateOpt = D.template, max_length: MaxLenOpt = D.max_length,
+    truncation: TruncOpt = D.truncation, loss_on: LossOnOpt = D.loss_on, strip: StripOpt = None,
+    task_map: TaskMapOpt = D.task_map, task_field: TaskFieldOpt = D.task_field, skip_invalid: SkipOpt = D.skip_invalid,
 ):
     """Task metrics, general-knowledge probe, perplexity; base vs model deltas; writes DIR/metrics.json."""
     from .evaluate.evaluate import evaluate
@@ -266,8 +282,9 @@ def eval_cmd(
                          qa_max_new_tokens=qa_max_new_tokens, batch_size=batch_size,
                          forward_batch_tokens=forward_batch_tokens, max_labels=max_labels, text_window=text_window,
                          text_field=text_field, bootstrap=bootstrap, seed=seed)
-        data_opts = data_options(fmt, template, max_length, truncation, loss_on, 0.0, strip, task_map, task_field,
-                                 skip_invalid, False)
+        data_opts = data_config(format=fmt, template=template, max_length=max_length, truncation=truncation,
+                                loss_on=loss_on, strip=strip, task_map=task_map, task_field=task_field,
+                                skip_invalid=skip_invalid)
         return evaluate(cfg, model, out, data_opts, base=base, dtype=dtype, console=console)
 
     run_guarded(go)
@@ -297,22 +314,21 @@ def generate_cmd(
     model: Annotated[str, typer.Argument(help="HF model dir, a .gguf file, a peft adapter dir, or 'default'")],
     data: Annotated[list[str], typer.Option("--data", help="Data file(s) in any supported format (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: {index, task, prompt, reference, generation}")],
-    template: TemplateOpt = "default", max_new_tokens: MaxNewOpt = 128, do_sample: SampleOpt = False,
+    template: TemplateOpt = D.template, max_new_tokens: MaxNewOpt = 128, do_sample: SampleOpt = False,
     temperature: TempOpt = 1.0, top_p: TopPOpt = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generation batch")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for --do-sample")] = 0,
-    fmt: FormatOpt = None, task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None,
-    skip_invalid: SkipOpt = False,
+    fmt: FormatOpt = D.format, task_map: TaskMapOpt = D.task_map, task_field: TaskFieldOpt = D.task_field,
+    skip_invalid: SkipOpt = D.skip_invalid,
 ):
     """Batched replies for every example; a final assistant turn is dropped from the prompt and kept as reference."""
-    from .data.pipeline import DataOptions
     from .evaluate.metrics import exact_match_of_generations
     from .generate import generate_file
     from .io import read_jsonl
 
     def go():
-        opts = DataOptions(format=fmt, task_field=task_field, task_map=str(task_map) if task_map else None,
-                           template=template, skip_invalid=skip_invalid)
+        opts = data_config(format=fmt, task_field=task_field, task_map=task_map, template=template,
+                           skip_invalid=skip_invalid)
         summary = generate_file(data, model, out, opts, console, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
         rate, n_ref = exact_match_of_generations(read_jsonl(out))
@@ -326,7 +342,7 @@ def generate_cmd(
 @app.command("chat")
 def chat_cmd(
     model: Annotated[str, typer.Argument(help="HF model dir, a .gguf file, a peft adapter dir, or 'default'")],
-    template: TemplateOpt = "default",
+    template: TemplateOpt = D.template,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt for the conversation")] = None,
     max_new_tokens: MaxNewOpt = 512, do_sample: SampleOpt = False, temperature: TempOpt = 1.0, top_p: TopPOpt = 1.0,
 ):
@@ -363,10 +379,10 @@ def chat_cmd(
 def audit_cmd(
     data: Annotated[list[str], typer.Argument(help="Files, directories, globs or saved datasets")],
     out: Annotated[Path, typer.Option("--out", help="Audit directory: examples.jsonl, tasks.json, embeddings.npy, audit.json")],
-    model: ModelOpt = "default", fmt: FormatOpt = None, template: TemplateOpt = "default",
-    max_length: MaxLenOpt = None, truncation: TruncOpt = "truncate-prompt-left", strip: StripOpt = None,
-    task_map: TaskMapOpt = None, task_field: TaskFieldOpt = None, skip_invalid: SkipOpt = False,
-    dedup: DedupOpt = False,
+    model: ModelOpt = "default", fmt: FormatOpt = D.format, template: TemplateOpt = D.template,
+    max_length: MaxLenOpt = D.max_length, truncation: TruncOpt = D.truncation, strip: StripOpt = None,
+    task_map: TaskMapOpt = D.task_map, task_field: TaskFieldOpt = D.task_field, skip_invalid: SkipOpt = D.skip_invalid,
+    dedup: DedupOpt = D.dedup,
     few_shot: int = flag(AuditConfig, "few_shot"),
     few_shot_per_task: int = flag(AuditConfig, "few_shot_per_task"),
     generate: bool = flag(AuditConfig, "generate"),
@@ -391,8 +407,9 @@ def audit_cmd(
                           forward_batch_tokens=forward_batch_tokens, max_batch_size=max_batch_size,
                           chunk_examples=chunk_examples, seed=seed, known_match=known_match, known_nll=known_nll,
                           latent_ratio=latent_ratio)
-        dopts = data_options(fmt, template, max_length, truncation, "last_assistant", 0.0, strip, task_map,
-                             task_field, skip_invalid, dedup)
+        dopts = data_config(format=fmt, template=template, max_length=max_length, truncation=truncation,
+                            loss_on="last_assistant", strip=strip, task_map=task_map, task_field=task_field,
+                            skip_invalid=skip_invalid, dedup=dedup)
         return run_audit(data, out, cfg, dopts, model, overwrite, console)
 
     run_guarded(go)

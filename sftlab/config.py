@@ -37,18 +37,22 @@ class LoraConfig(Strict):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA)")
 
 
+DataFormat = Literal["alpaca", "prompt_completion", "messages", "sharegpt"]
+
+
 class DataConfig(Strict):
     train: list[str] = Field(default_factory=list, description="Training data: files, directories, globs, saved datasets")
     validation: list[str] = Field(default_factory=list, description="Validation-loss data (if empty, "
                                   "validation_fraction of train)")
     validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out for the validation "
                                        "loss when validation is empty")
-    format: str | None = Field(None, description="alpaca | prompt_completion | messages | sharegpt (None: detect)")
+    format: DataFormat | None = Field(
+        None, description="alpaca | prompt_completion | messages | sharegpt (None: detect per file)")
     template: str = Field("default", description="'default' (tokenizer's), chatml, alpaca, or a .jinja path")
-    task_map: str | None = Field(None, description="JSON map file stem -> task")
+    task_map: str | None = Field(None, description="JSON map file stem -> task (or -> {task, cluster})")
     task_field: str | None = Field(None, description="Record field with the task label")
     strip: list[str] = Field(default_factory=list, description="Trailing text removed from responses")
-    max_length: int = Field(1024, ge=2, description="Maximum tokens per example")
+    max_length: int | None = Field(1024, ge=2, description="Maximum tokens per example (None: no limit)")
     truncation: Literal["truncate-prompt-left", "drop"] = Field("truncate-prompt-left", description="Over-long policy")
     loss_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Which tokens are trained")
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Loss weight of non-response tokens")

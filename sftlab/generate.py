@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .data.formats import Conversation, Message
@@ -236,13 +236,13 @@ def generate_file(inputs: list[str | Path], model_spec: str, out: Path, data_opt
     """
     from rich.console import Console
 
-    from .data.pipeline import (DataOptions, DataReport, encode_conversations, iter_conversations, keep_examples,
-                                total_records)
+    from .config import DataConfig
+    from .data.pipeline import DataReport, encode_conversations, iter_conversations, keep_examples, total_records
     from .io import atomic_write, progress
     from .models import load_model, load_tokenizer
 
     console = console or Console(stderr=True)
-    data_opts = data_opts or DataOptions()
+    data_opts = data_opts or DataConfig()
     tokenizer = load_tokenizer(model_spec)
     tmpl = resolve_template(data_opts.template, tokenizer)
     end_of_turn_text(tmpl)  # fail on a template that cannot render a reply before loading the model
@@ -254,7 +254,7 @@ def generate_file(inputs: list[str | Path], model_spec: str, out: Path, data_opt
     with progress("generate", console, unit="examples") as bars, atomic_write(out) as f:
         bar = bars.add_task("generate", total=total_records(inputs))
         convs = iter_conversations(inputs, data_opts, report, protected.findall)
-        no_length_limit = replace(data_opts.tokenize, max_length=None)  # a prompt is never truncated or dropped
+        no_length_limit = data_opts.model_copy(update={"max_length": None})  # a prompt is never truncated or dropped
         encoded = encode_conversations(convs, tokenizer, tmpl, no_length_limit, protected)
         valid = (conv for conv, _ in keep_examples(encoded, data_opts.skip_invalid, report))
         # Chunks keep memory bounded while still letting each chunk be sorted by length.

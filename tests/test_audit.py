@@ -12,7 +12,7 @@ import torch
 from sftlab.audit.command import run_audit
 from sftlab.audit.verdicts import example_verdict, task_stats, verdict
 from sftlab.config import AuditConfig, ConfigError, load_config
-from sftlab.data.pipeline import DataOptions
+from sftlab.config import DataConfig
 
 T0_FILES = ("ag_news_classify.jsonl", "common_gen_Example_prompt.jsonl")
 SHORT_T0_FILES = ("sciq_Direct_Question_Closed_Book_.jsonl", "cosmos_qa_only_question_answer.jsonl")  # ~40 tokens
@@ -70,8 +70,8 @@ def _t0(shared_data, names=T0_FILES):
     return [str(shared_data / "t0-mixture" / n) for n in names]
 
 
-def _data(**kw) -> DataOptions:
-    return DataOptions(strip=(EOT_TEXT,), **kw)
+def _data(**kw) -> DataConfig:
+    return DataConfig(strip=(EOT_TEXT,), **kw)
 
 
 def test_exact_scores_tiny_model(tmp_path, tiny_model, tokenizer, shared_data):
@@ -108,7 +108,7 @@ def test_multi_turn_scores_last_assistant_turn(tmp_path, tiny_model, tokenizer):
                          {"role": "user", "content": "Now say two."}, {"role": "assistant", "content": "Two, then."}]}
     path = tmp_path / "mt.jsonl"
     path.write_text(json.dumps(conv) + "\n")
-    run_audit([path], tmp_path / "a", AuditConfig(), DataOptions(), model=tiny_model, tokenizer=tokenizer)
+    run_audit([path], tmp_path / "a", AuditConfig(), DataConfig(), model=tiny_model, tokenizer=tokenizer)
     row = json.loads((tmp_path / "a" / "examples.jsonl").read_text())
     full = tokenizer.apply_chat_template(conv["messages"], tokenize=False)[:-1]
     head = tokenizer.apply_chat_template(conv["messages"][:3], tokenize=False, add_generation_prompt=True)

@@ -168,7 +168,7 @@ def test_cli_bad_arguments_exit_nonzero(tmp_path, runner):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
     result = runner.invoke(app, ["data", "tokenize", str(path), "--out", str(out), "--loss-on", "everything"])
-    assert result.exit_code == 1 and "loss_on must be one of" in result.stderr
+    assert result.exit_code == 1 and "--loss-on: Input should be 'assistant', 'last_assistant' or 'all'" in result.stderr
     result = runner.invoke(app, ["data", "tokenize", str(path), "--out", str(out), "--template", "nosuch"])
     assert result.exit_code == 1 and "--template 'nosuch'" in result.stderr
     assert not out.exists()

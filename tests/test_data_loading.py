@@ -10,7 +10,8 @@ import json
 import pytest
 
 from sftlab.data.load import expand_paths
-from sftlab.data.pipeline import DataOptions, DataReport, iter_conversations, iter_examples
+from sftlab.config import DataConfig
+from sftlab.data.pipeline import DataReport, iter_conversations, iter_examples
 
 RECORD_SETS = {
     "alpaca": [
@@ -83,25 +84,25 @@ def write_all_containers(tmp_path, records) -> dict:
 def test_every_container_gives_identical_examples(tmp_path, tokenizer, kind):
     records = RECORD_SETS[kind]
     inputs = write_all_containers(tmp_path, records)
-    ref = list(iter_examples([inputs["jsonl"]], tokenizer, DataOptions()))
+    ref = list(iter_examples([inputs["jsonl"]], tokenizer, DataConfig()))
     assert len(ref) == len(records)
     for name, inp in inputs.items():
         report = DataReport()
-        exs = list(iter_examples([inp], tokenizer, DataOptions(), report))
+        exs = list(iter_examples([inp], tokenizer, DataConfig(), report))
         assert [(e.input_ids, e.labels) for e in exs] == [(e.input_ids, e.labels) for e in ref], name
         assert report.records == len(records) and report.formats == {kind: len(records)}, name
     # the task is the file stem (the directory name for a saved dataset)
-    assert {e.task for e in list(iter_examples([inputs["save_to_disk"]], tokenizer, DataOptions()))} == {"saved"}
-    assert [e.task for e in list(iter_examples([inputs["directory"]], tokenizer, DataOptions()))] == (
+    assert {e.task for e in list(iter_examples([inputs["save_to_disk"]], tokenizer, DataConfig()))} == {"saved"}
+    assert [e.task for e in list(iter_examples([inputs["directory"]], tokenizer, DataConfig()))] == (
         ["part-1"] * (len(records) // 2) + ["part-2"] * (len(records) - len(records) // 2))
 
 
 def test_conversations_identical_across_containers(tmp_path):
     records = RECORD_SETS["messages"]
     inputs = write_all_containers(tmp_path, records)
-    ref = list(iter_conversations([inputs["jsonl"]], DataOptions()))
+    ref = list(iter_conversations([inputs["jsonl"]], DataConfig()))
     for name, inp in inputs.items():
-        convs = list(iter_conversations([inp], DataOptions()))
+        convs = list(iter_conversations([inp], DataConfig()))
         assert [c.messages for c in convs] == [c.messages for c in ref], name
     assert [m.train for m in ref[0].messages] == [None, None, False, None, None]
 
@@ -115,7 +116,7 @@ def test_directory_with_saved_dataset_reads_it_once(tmp_path, tokenizer):
     paths = expand_paths([tmp_path / "mix"])
     assert sorted(p.name for p in paths) == ["more.jsonl", "saved"]
     report = DataReport()
-    exs = list(iter_examples([tmp_path / "mix"], tokenizer, DataOptions(), report))
+    exs = list(iter_examples([tmp_path / "mix"], tokenizer, DataConfig(), report))
     assert len(exs) == 4 and report.records == 4
 
 
@@ -140,12 +141,12 @@ def test_format_detected_per_file_and_override(tmp_path, tokenizer):
     write_jsonl(tmp_path / "d" / "e.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
                                                            {"role": "assistant", "content": "Hello"}]}])
     report = DataReport()
-    exs = list(iter_examples([tmp_path / "d"], tokenizer, DataOptions(), report))
+    exs = list(iter_examples([tmp_path / "d"], tokenizer, DataConfig(), report))
     assert report.formats == {"alpaca": 1, "sharegpt": 1, "prompt_completion": 1, "messages": 1}
     assert len({tuple(e.input_ids) for e in exs}) == 1  # the same conversation in four formats
     assert [e.task for e in exs] == ["a", "b", "c", "e"]
     report = DataReport()
-    list(iter_examples([a], tokenizer, DataOptions(format="alpaca"), report))
+    list(iter_examples([a], tokenizer, DataConfig(format="alpaca"), report))
     assert report.formats == {"alpaca": 1}
 
 
@@ -154,21 +155,21 @@ def test_task_labels(tmp_path, tokenizer):
             {"instruction": "Bye", "output": "Goodbye", "category": 7}]
     path = write_jsonl(tmp_path / "ag_news_classify.jsonl", recs)
     other = write_jsonl(tmp_path / "unmapped.jsonl", recs[:1])
-    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataOptions()))] == [
+    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataConfig()))] == [
         "ag_news_classify", "ag_news_classify", "unmapped"]
-    assert [e.task for e in list(iter_examples([path], tokenizer, DataOptions(task_field="category")))] == ["greet", "7"]
+    assert [e.task for e in list(iter_examples([path], tokenizer, DataConfig(task_field="category")))] == ["greet", "7"]
     tmap = tmp_path / "map.json"
     tmap.write_text(json.dumps({"ag_news_classify": {"task": "ag_news", "cluster": "topic"}}))
-    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataOptions(task_map=str(tmap))))] == [
+    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataConfig(task_map=str(tmap))))] == [
         "ag_news", "ag_news", "unmapped"]
     tmap.write_text(json.dumps({"ag_news_classify": "news", "unmapped": "misc"}))
     report = DataReport()
-    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataOptions(task_map=str(tmap)), report))] == [
+    assert [e.task for e in list(iter_examples([path, other], tokenizer, DataConfig(task_map=str(tmap)), report))] == [
         "news", "news", "misc"]
     assert report.tasks == {"news": 2, "misc": 1}
     tmap.write_text(json.dumps({"ag_news_classify": ["bad"]}))
     with pytest.raises(ValueError, match="ag_news_classify"):
-        list(iter_examples([path], tokenizer, DataOptions(task_map=str(tmap))))
+        list(iter_examples([path], tokenizer, DataConfig(task_map=str(tmap))))
 
 
 def test_shared_task_map_covers_t0_stems(shared_data):

@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from sftlab.data.pipeline import DataOptions, DataReport, iter_examples
+from sftlab.config import DataConfig
+from sftlab.data.pipeline import DataReport, iter_examples
 from sftlab.data.template import BUILTIN_TEMPLATES
-from sftlab.data.tokenize import IGNORE, TokenizeOptions
+from sftlab.data.tokenize import IGNORE
 from sftlab.data.validate import DataError
 
 EOT = "<|im_end|>"  # ChatML end-of-turn and SmolLM2's eos token (the `alpaca` template's end of response)
@@ -108,7 +109,7 @@ def template_arg(name, tmp_path):
 def examples(tmp_path, tokenizer, records, template="default", report=None, **tok):
     tmpl, _ = template_arg(template, tmp_path)
     path = write_jsonl(tmp_path / "data.jsonl", records)
-    opts = DataOptions(template=tmpl, tokenize=TokenizeOptions(**tok))
+    opts = DataConfig(template=tmpl, **tok)
     return list(iter_examples([path], tokenizer, opts, report))
 
 
@@ -229,13 +230,13 @@ def test_strip_removes_trailing_endoftext_only(tmp_path, tokenizer):
             {"prompt": "Nothing?", "completion": "<|endoftext|>"}]
     path = write_jsonl(tmp_path / "t0.jsonl", recs)
     report = DataReport()
-    exs = list(iter_examples([path], tokenizer, DataOptions(strip=("<|endoftext|>",), skip_invalid=True), report))
+    exs = list(iter_examples([path], tokenizer, DataConfig(strip=("<|endoftext|>",), skip_invalid=True), report))
     assert [decode_runs(ex, tokenizer) for ex in exs] == [["Use <|endoftext|> as separator." + EOT],
                                                           ["Business" + EOT]]
     assert report.invalid.counts == {"empty_response": 1}  # nothing left once the artefact is stripped
     assert all(tokenizer.convert_tokens_to_ids("<|endoftext|>") not in ex.input_ids for ex in exs)
     # without --strip the literal stays plain text in the response and is trained as text
-    [_, ex, _] = list(iter_examples([path], tokenizer, DataOptions()))
+    [_, ex, _] = list(iter_examples([path], tokenizer, DataConfig()))
     assert decode_runs(ex, tokenizer) == ["Business<|endoftext|><|endoftext|>\n" + EOT]
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") not in ex.input_ids
 

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sftlab.cli import app
-from sftlab.data.pipeline import DataOptions, DataReport, iter_examples
+from sftlab.config import DataConfig
+from sftlab.data.pipeline import DataReport, iter_examples
 from sftlab.data.validate import REASONS, DataError
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
@@ -102,8 +103,8 @@ def write_bad(tmp_path, reason):
     return path, loc, cli
 
 
-def options_from_cli(cli: list[str], **kw) -> DataOptions:
-    return DataOptions(template=cli[1] if cli else "default", **kw)
+def options_from_cli(cli: list[str], **kw) -> DataConfig:
+    return DataConfig(template=cli[1] if cli else "default", **kw)
 
 
 @pytest.mark.parametrize("reason", list(BAD_FILES))
@@ -144,10 +145,10 @@ def test_whole_file_reasons_name_the_file_and_count_with_skip_invalid(tmp_path, 
     bad.write_bytes(data)
     good.write_bytes(line(GOOD) + line(GOOD))
     with pytest.raises(DataError) as e:
-        list(iter_examples([good, bad], tokenizer, DataOptions()))
+        list(iter_examples([good, bad], tokenizer, DataConfig()))
     assert e.value.reason == reason and str(e.value).startswith(f"{bad}: {REASONS[reason]}")
     report = DataReport()
-    assert len(list(iter_examples([good, bad], tokenizer, DataOptions(skip_invalid=True), report))) == 2
+    assert len(list(iter_examples([good, bad], tokenizer, DataConfig(skip_invalid=True), report))) == 2
     assert dict(report.invalid.counts) == {reason: 1}
     out = tmp_path / "out.jsonl"
     result = runner.invoke(app, ["data", "tokenize", str(bad), "--out", str(out)])
@@ -170,17 +171,17 @@ def test_compressed_inputs_read_transparently_with_decompressed_line_numbers(tmp
     plain.write_bytes(raw)
     packed.write_bytes(compress(raw))
     with pytest.raises(DataError) as e:
-        list(iter_examples([packed], tokenizer, DataOptions()))
+        list(iter_examples([packed], tokenizer, DataConfig()))
     assert str(e.value.where) == f"{packed}:3" and e.value.reason == "invalid_json"
-    a = list(iter_examples([plain], tokenizer, DataOptions(skip_invalid=True)))
-    b = list(iter_examples([packed], tokenizer, DataOptions(skip_invalid=True)))
+    a = list(iter_examples([plain], tokenizer, DataConfig(skip_invalid=True)))
+    b = list(iter_examples([packed], tokenizer, DataConfig(skip_invalid=True)))
     assert len(a) == 2 and [x.input_ids for x in a] == [x.input_ids for x in b]
     assert [x.labels for x in a] == [x.labels for x in b]
     # directories and globs find compressed files too; a truncated archive names its file
-    assert len(list(iter_examples([str(tmp_path / "*.jsonl*")], tokenizer, DataOptions(skip_invalid=True)))) == 4
+    assert len(list(iter_examples([str(tmp_path / "*.jsonl*")], tokenizer, DataConfig(skip_invalid=True)))) == 4
     packed.write_bytes(compress(raw)[: len(compress(raw)) // 2])
     with pytest.raises(DataError) as e:
-        list(iter_examples([packed], tokenizer, DataOptions()))
+        list(iter_examples([packed], tokenizer, DataConfig()))
     assert e.value.reason in ("unreadable_file", "invalid_json") and e.value.where.file == str(packed)
 
 
@@ -188,19 +189,19 @@ def test_json_that_python_cannot_take_is_a_named_error(tmp_path, tokenizer):
     deep = tmp_path / "deep.jsonl"
     deep.write_bytes(line(GOOD) + b'{"instruction": ' + b"[" * 100_000 + b"]" * 100_000 + b', "output": "y"}\n')
     with pytest.raises(DataError) as e:
-        list(iter_examples([deep], tokenizer, DataOptions()))
+        list(iter_examples([deep], tokenizer, DataConfig()))
     assert str(e.value).startswith(f"{deep}:2: {REASONS['invalid_json']}") and "nested too deeply" in str(e.value)
     lone = tmp_path / "lone.jsonl"
     lone.write_bytes(line(GOOD) + b'{"instruction": "a\\ud800b", "output": "y"}\n'
                      + b'{"instruction": "pair \\ud83d\\ude00 ok", "output": "y"}\n')
     report = DataReport()
-    kept = list(iter_examples([lone], tokenizer, DataOptions(skip_invalid=True), report))
+    kept = list(iter_examples([lone], tokenizer, DataConfig(skip_invalid=True), report))
     assert len(kept) == 2 and dict(report.invalid.counts) == {"non_utf8": 1}
     assert report.invalid.examples[0].startswith(f"{lone}:2: ")
     arr = tmp_path / "lone.json"
     arr.write_bytes(b'[{"instruction": "a", "output": "b"}, {"instruction": "\\udfff", "output": "b"}]')
     with pytest.raises(DataError) as e:
-        list(iter_examples([arr], tokenizer, DataOptions()))
+        list(iter_examples([arr], tokenizer, DataConfig()))
     assert str(e.value.where) == f"{arr}[record 1]" and e.value.reason == "non_utf8"
 
 
@@ -208,12 +209,12 @@ def test_paths_that_lead_nowhere_name_themselves(tmp_path, tokenizer):
     loop = tmp_path / "loop.jsonl"
     loop.symlink_to(tmp_path / "loop.jsonl")
     with pytest.raises(FileNotFoundError, match="loop.jsonl: a symbolic link that points nowhere"):
-        list(iter_examples([loop], tokenizer, DataOptions()))
+        list(iter_examples([loop], tokenizer, DataConfig()))
     with pytest.raises(FileNotFoundError, match=r"nothing\*.jsonl: glob matches no data files"):
-        list(iter_examples([str(tmp_path / "nothing*.jsonl")], tokenizer, DataOptions()))
+        list(iter_examples([str(tmp_path / "nothing*.jsonl")], tokenizer, DataConfig()))
     with pytest.raises(ValueError, match=r"unsupported file type '.txt'"):
         (tmp_path / "notes.txt").write_text("x")
-        list(iter_examples([tmp_path / "notes.txt"], tokenizer, DataOptions()))
+        list(iter_examples([tmp_path / "notes.txt"], tokenizer, DataConfig()))
 
 
 # ---- other containers: the location is a line (CSV, JSON syntax) or a record index (JSON array, Parquet) -------
@@ -221,15 +222,15 @@ def test_json_array_errors_name_the_record_index(tmp_path, tokenizer):
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([GOOD, GOOD, {"instruction": "x", "output": ["not", "a", "string"]}]))
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("wrong_type", f"{path}[record 2]")
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]\n')
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:3")
     path.write_text(json.dumps({"instruction": "a", "output": "b"}))
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert e.value.reason == "wrong_type" and "array" in str(e.value)
 
 
@@ -243,22 +244,22 @@ def test_csv_errors_name_the_line(tmp_path, tokenizer):
         w.writerow(["x", "", ""])
         w.writerow(["another\nmulti-line one", "", ""])
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}:5")  # after a 2-line record
     report = DataReport()
-    list(iter_examples([path], tokenizer, DataOptions(skip_invalid=True), report))
+    list(iter_examples([path], tokenizer, DataConfig(skip_invalid=True), report))
     assert report.invalid.examples[1].startswith(f"{path}:6: empty response")  # a record's first line
     path.write_bytes(b"instruction,input,output\nSay hi.,,Hi!\nSay hi.,,H\xe9!\n")
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("non_utf8", f"{path}:3")
     path.write_bytes(b"\xef\xbb\xbfinstruction,input,output\nSay hi.,,Hi!\n")
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("bom", f"{path}:1")
     path.write_bytes(b'messages\n"[{""role"": ""user"", ""content"": ""x""},"\n')
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("invalid_json", f"{path}:2")
 
 
@@ -269,7 +270,7 @@ def test_parquet_errors_name_the_record_index(tmp_path, tokenizer):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([GOOD, {"instruction": "x", "input": "", "output": ""}]), path)
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions()))
+        list(iter_examples([path], tokenizer, DataConfig()))
     assert (e.value.reason, str(e.value.where)) == ("empty_response", f"{path}[record 1]")
 
 
@@ -281,7 +282,7 @@ def test_format_override_missing_field(tmp_path, tokenizer):
         rec = GOOD if field else {"instruction": "x", "input": ""}
         path.write_bytes(line(rec))
         with pytest.raises(DataError) as e:
-            list(iter_examples([path], tokenizer, DataOptions(format=fmt)))
+            list(iter_examples([path], tokenizer, DataConfig(format=fmt)))
         assert (e.value.reason, str(e.value.where)) == ("missing_field", f"{path}:1")
         assert repr(field or "output") in str(e.value)
 
@@ -297,11 +298,11 @@ def test_unstable_template_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, sou
     path = tmp_path / "data.jsonl"
     path.write_bytes(line(GOOD_MSGS) + line(MULTI) + line(GOOD_MSGS) + line(MULTI))
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl))))
+        list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
     assert (e.value.reason, str(e.value.where)) == ("template", f"{path}:{first_bad}")
     assert says in str(e.value)
     report = DataReport()
-    examples = list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl), skip_invalid=True), report))
+    examples = list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl), skip_invalid=True), report))
     assert len(examples) == kept and dict(report.invalid.counts) == {"template": 4 - kept}
     for ex in examples:  # the single-turn examples that remain are exact
         trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
@@ -315,7 +316,7 @@ def test_template_that_rewrites_content_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "data.jsonl"
     path.write_bytes(line(GOOD_MSGS))
     with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataOptions(template=str(tmpl))))
+        list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
     assert e.value.reason == "template" and "content does not follow" in str(e.value)
 
 
@@ -336,12 +337,12 @@ def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, runner):
                 "mixed_formats": 1, "unknown_format": 1, "non_utf8": 1, "unknown_role": 1, "no_assistant_turn": 1,
                 "missing_field": 1, "no_trained_tokens": 1, "boundary_merge": 1}
     report = DataReport()
-    kept = list(iter_examples([tmp_path], tokenizer, DataOptions(skip_invalid=True), report))
+    kept = list(iter_examples([tmp_path], tokenizer, DataConfig(skip_invalid=True), report))
     assert dict(report.invalid.counts) == expected
     assert report.records == 17 and report.kept == len(kept) == 4
     assert [e.task for e in kept] == ["a", "a", "b", "b"]
     with pytest.raises(DataError):
-        list(iter_examples([tmp_path], tokenizer, DataOptions()))
+        list(iter_examples([tmp_path], tokenizer, DataConfig()))
     out = tmp_path / "out" / "x.jsonl"
     result = runner.invoke(app, ["data", "tokenize", str(a), str(b), "--out", str(out), "--skip-invalid"])
     assert result.exit_code == 0, result.output
@@ -359,10 +360,10 @@ def test_duplicates_reported_and_dropped(tmp_path, tokenizer, runner):
     # the alpaca duplicate differs only in how the record spells it, not in the conversation
     path.write_bytes(line(GOOD) + line(other) + line({"output": "Hi!", "instruction": "Say hi."}) + line(GOOD))
     report = DataReport()
-    kept = list(iter_examples([path], tokenizer, DataOptions(), report))
+    kept = list(iter_examples([path], tokenizer, DataConfig(), report))
     assert len(kept) == 4 and report.duplicates == 2 and report.duplicates_dropped == 0
     report = DataReport()
-    kept = list(iter_examples([path], tokenizer, DataOptions(dedup=True), report))
+    kept = list(iter_examples([path], tokenizer, DataConfig(dedup=True), report))
     assert len(kept) == 2 and report.duplicates == 2 and report.duplicates_dropped == 2
     assert report.first_duplicates == [f"{path}:3", f"{path}:4"]
     assert kept[0].input_ids != kept[1].input_ids

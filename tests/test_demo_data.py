@@ -145,12 +145,13 @@ def test_family_too_small_raises():
 
 
 def test_written_files_load_and_tokenize_through_the_pipeline(tmp_path, tokenizer):
-    from sftlab.data.pipeline import DataOptions, DataReport, iter_examples
+    from sftlab.config import DataConfig
+    from sftlab.data.pipeline import DataReport, iter_examples
 
     paths = write_demo_data(tmp_path / "demo", seed=0)
     assert sorted(p.name for p in paths.values()) == ["heldout_instances.jsonl", "heldout_tasks.jsonl", "train.jsonl"]
     report = DataReport()
-    examples = list(iter_examples([str(paths["train"])], tokenizer, DataOptions(task_field="task"), report))
+    examples = list(iter_examples([str(paths["train"])], tokenizer, DataConfig(task_field="task"), report))
     assert report.kept == len(examples) == 32 * len(TRAIN_TASKS) and report.invalid.total == 0
     assert report.duplicates == 0
     assert set(report.tasks) == set(TRAIN_TASKS)

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from conftest import make_tiny_llama
-from sftlab.data.pipeline import DataOptions
+from sftlab.config import DataConfig
 from sftlab.evaluate import generalization
 from sftlab.evaluate.scoring import Nll
 
@@ -29,22 +29,22 @@ def test_limit_is_seeded_sample_in_file_order(tmp_path, tokenizer):
     # sorted by label, as many real files are: the first 6 would all be "negative"
     rows = [{"prompt": f"review {i}", "completion": "negative" if i < 20 else "positive"} for i in range(40)]
     path = write_jsonl(tmp_path / "sorted.jsonl", rows)
-    a = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
-    b = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=0)
-    c = generalization.load_task_items([path], tokenizer, DataOptions(), limit=6, seed=1)
+    a = generalization.load_task_items([path], tokenizer, DataConfig(), limit=6, seed=0)
+    b = generalization.load_task_items([path], tokenizer, DataConfig(), limit=6, seed=0)
+    c = generalization.load_task_items([path], tokenizer, DataConfig(), limit=6, seed=1)
     lines = [int(it.where.rsplit(":", 1)[1]) for it in a]
     assert len(a) == 6 and lines == sorted(lines) and [it.where for it in b] == [it.where for it in a]
     assert [it.where for it in c] != [it.where for it in a]
     assert {it.reference for it in a} == {"negative", "positive"}
     assert all(it.example.input_ids == full.example.input_ids for it in a
-               for full in generalization.load_task_items([path], tokenizer, DataOptions()) if full.where == it.where)
+               for full in generalization.load_task_items([path], tokenizer, DataConfig()) if full.where == it.where)
 
 
 def test_score_task_rows_accuracy(tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": f"review {i}"},
                           {"role": "assistant", "content": "positive" if i % 2 else "negative"}], "task": "sent"}
             for i in range(4)]
-    items = generalization.load_task_items([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, DataOptions(task_field="task"))
+    items = generalization.load_task_items([write_jsonl(tmp_path / "d.jsonl", rows)], tokenizer, DataConfig(task_field="task"))
     labels = generalization.task_label_sets(items)
     assert labels == {"sent": ["negative", "positive"]}
     nlls = [Nll(2.0, 2)] * 4
@@ -71,7 +71,7 @@ def test_nll_matches_plain_transformers(tmp_path, tokenizer, tiny_model):
         [{"role": "user", "content": "Say <|im_end|> please"}, {"role": "assistant", "content": "No thanks, friend."}],
     ]
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": m} for m in convs[:2]])
-    items = generalization.load_task_items([path], tokenizer, DataOptions())
+    items = generalization.load_task_items([path], tokenizer, DataConfig())
     nlls = example_nll(tiny_model, [it.example for it in items], tokenizer.pad_token_id, batch_tokens=4096)
     for it, got, msgs in zip(items, nlls, convs):
         prefix = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
@@ -95,7 +95,7 @@ def test_nll_matches_plain_transformers(tmp_path, tokenizer, tiny_model):
 
     extra = [ex for _, ex in encode_conversations([Conversation([Message(m["role"], m["content"]) for m in convs[2]])],
                                                   tokenizer, resolve_template("default", tokenizer),
-                                                  DataOptions().tokenize)]
+                                                  DataConfig().tokenize)]
     both = example_nll(tiny_model, [it.example for it in items] + extra, tokenizer.pad_token_id)
     assert [n.mean for n in both[:2]] == pytest.approx([n.mean for n in nlls], rel=1e-5)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
     cfg = EvalConfig(data=[str(data)], general=[str(qa)], text=[str(text)], question_field="q", answer_field="golds",
                      few_shot=1, max_new_tokens=3, qa_max_new_tokens=3, bootstrap=200, text_window=32, generations=3)
-    m = evaluate(cfg, str(run / "model"), out, DataOptions(task_field="task"), base=str(tiny_model_dir),
+    m = evaluate(cfg, str(run / "model"), out, DataConfig(task_field="task"), base=str(tiny_model_dir),
                  console=quiet())
     assert m == json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"schema_version", "created", "wall_s", "model", "base", "template", "options", "training_tasks",

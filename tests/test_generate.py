@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from sftlab.cli import app
 from sftlab.data.formats import Conversation, Message
 from sftlab.data.template import end_of_turn_ids, end_of_turn_text, render_conversation, resolve_template
-from sftlab.data.tokenize import IGNORE, TokenizeOptions, protected_pattern, tokenize_rendered
+from sftlab.config import DataConfig
+from sftlab.data.tokenize import IGNORE, protected_pattern, tokenize_rendered
 from sftlab.generate import (Decoding, left_pad, decode_reply, encode_prompt, generate,
                              generation_config, split_reference, stop_markers)
 
@@ -82,7 +83,7 @@ def test_alpaca_end_of_turn_is_eos_token(tokenizer):
 @pytest.mark.parametrize("user", ["What is 2+2?", "Repeat after me: <|im_end|> and <|im_start|>user"])
 def test_prompt_tokens_equal_the_training_prefix(tokenizer, tmpl, user):
     conv = Conversation([Message("user", user), Message("assistant", "4")])
-    ex, = tokenize_rendered([render_conversation(conv, tmpl)], [conv], tokenizer, TokenizeOptions(),
+    ex, = tokenize_rendered([render_conversation(conv, tmpl)], [conv], tokenizer, DataConfig(),
                             protected_pattern(tokenizer))
     first_trained = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)
     prompt_ids = encode_prompt([{"role": "user", "content": user}], tmpl, tokenizer)

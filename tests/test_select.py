@@ -103,12 +103,13 @@ def test_near_duplicates_and_k_center_units():
 
 
 def test_run_select_writes_messages_readable_by_the_data_layer(audit_dir, tmp_path):
-    from sftlab.data.pipeline import DataOptions, iter_conversations
+    from sftlab.config import DataConfig
+    from sftlab.data.pipeline import iter_conversations
 
     out = tmp_path / "train.jsonl"
     summary = run_select(audit_dir, out, "task-balanced", "50%", QUIET, table=QUIET)
     assert summary["budget"] == 5 and summary["kept"] == 5
-    convs = list(iter_conversations([out], DataOptions(task_field="task")))
+    convs = list(iter_conversations([out], DataConfig(task_field="task")))
     assert len(convs) == 5 and {c.task for c in convs} <= {"a", "b", "c"}
     assert all(c.messages[-1].role == "assistant" for c in convs)
     saved = json.loads((tmp_path / "train.summary.json").read_text())

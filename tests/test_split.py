@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from sftlab.data import split as data_split
-from sftlab.data.pipeline import DataOptions
+from sftlab.config import DataConfig
 from sftlab.evaluate import generalization
 
 
@@ -51,7 +51,7 @@ def key(rec):
 
 def test_split_cluster_disjoint_and_deterministic(task_files, tmp_path):
     d, task_map = task_files
-    opts = DataOptions(task_map=str(task_map))
+    opts = DataConfig(task_map=str(task_map))
     split = data_split.SplitOptions(holdout_cluster=("sentiment",), instance_fraction=0.3, seed=1)
     summary = data_split.write_split([d], opts, split, tmp_path / "s1", quiet())
     out = read_split(tmp_path / "s1")
@@ -78,26 +78,26 @@ def test_split_cluster_disjoint_and_deterministic(task_files, tmp_path):
 
 def test_split_named_and_fraction_and_read_back(task_files, tmp_path, tokenizer):
     d, task_map = task_files
-    opts = DataOptions(task_map=str(task_map))
+    opts = DataConfig(task_map=str(task_map))
     data_split.write_split([d], opts, data_split.SplitOptions(holdout=("beta",), instance_fraction=0.0), tmp_path / "n", quiet())
     out = read_split(tmp_path / "n")
     assert {r["task"] for r in out["heldout-tasks"]} == {"beta"} and out["heldout-instances"] == []
     s = data_split.write_split([d], opts, data_split.SplitOptions(holdout_fraction=0.34, seed=0), tmp_path / "f", quiet())
     assert len(s["heldout_tasks"]) == 1 and s["heldout_tasks"][0] not in s["train_tasks"]
     # the written files read back through the data layer with their task labels
-    items = generalization.load_task_items([tmp_path / "n" / "heldout-tasks.jsonl"], tokenizer, DataOptions(task_field="task"))
+    items = generalization.load_task_items([tmp_path / "n" / "heldout-tasks.jsonl"], tokenizer, DataConfig(task_field="task"))
     assert {it.task for it in items} == {"beta"} and len(items) == 10
 
 
 def test_split_errors(task_files, tmp_path):
     d, task_map = task_files
     with pytest.raises(ValueError, match="no such task"):
-        data_split.write_split([d], DataOptions(task_map=str(task_map)), data_split.SplitOptions(holdout=("delta",)),
+        data_split.write_split([d], DataConfig(task_map=str(task_map)), data_split.SplitOptions(holdout=("delta",)),
                        tmp_path / "e", quiet())
     with pytest.raises(ValueError, match="needs a --task-map"):
-        data_split.write_split([d], DataOptions(), data_split.SplitOptions(holdout_cluster=("qa",)), tmp_path / "e", quiet())
+        data_split.write_split([d], DataConfig(), data_split.SplitOptions(holdout_cluster=("qa",)), tmp_path / "e", quiet())
     with pytest.raises(ValueError, match="every task would be held out"):
-        data_split.write_split([d], DataOptions(task_map=str(task_map)),
+        data_split.write_split([d], DataConfig(task_map=str(task_map)),
                        data_split.SplitOptions(holdout_cluster=("qa", "sentiment")), tmp_path / "e", quiet())
 
 

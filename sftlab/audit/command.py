@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import AuditConfig
-from ..data.pipeline import DataOptions, DataReport, record_progress
+from ..config import DataConfig
+from ..data.pipeline import DataReport, record_progress
 from ..data.split import load_clusters
 from ..data.template import resolve_template
 from ..io import progress
@@ -64,7 +65,7 @@ def print_task_table(summary: dict, console: Console) -> None:
     console.print(f"[dim]verdict thresholds: {summary['thresholds_text']}[/]", highlight=False)
 
 
-def run_audit(inputs: list, out_dir: str | Path, cfg: AuditConfig, data: DataOptions, model_path: str = "default",
+def run_audit(inputs: list, out_dir: str | Path, cfg: AuditConfig, data: DataConfig, model_path: str = "default",
               overwrite: bool = False, console: Console | None = None, model=None, tokenizer=None,
               table: Console | None = None, on_chunk: Callable[[int, list[dict]], None] | None = None) -> dict:
     """Audit `inputs` with the model at `model_path` into `out_dir`; returns the tasks summary (also in tasks.json).

@@ -8,10 +8,11 @@ import heapq
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..data.formats import Conversation
-from ..data.pipeline import DataOptions, DataReport, encode_conversations, iter_conversations, keep_examples
+from ..config import DataConfig
+from ..data.pipeline import DataReport, encode_conversations, iter_conversations, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import IGNORE, Example, protected_pattern
 
@@ -38,9 +39,9 @@ class AuditItem:
         return [m for m in self.conv.messages if m.role == "assistant"][-1].content
 
 
-def audit_data_options(data: DataOptions) -> DataOptions:
+def audit_data_options(data: DataConfig) -> DataConfig:
     """The data options the audit scores with: only the last assistant turn, prompt tokens unweighted."""
-    return replace(data, tokenize=replace(data.tokenize, loss_on="last_assistant", prompt_loss_weight=0.0))
+    return data.model_copy(update={"loss_on": "last_assistant", "prompt_loss_weight": 0.0})
 
 
 def conversation_key(conv: Conversation) -> str:
@@ -70,7 +71,7 @@ def sample_per_task(convs, limit: int | None, seed: int) -> list[Conversation]:
     return [conv for _, conv in sorted(chosen, key=lambda oc: oc[0])]
 
 
-def collect_items(inputs: list, tokenizer, data: DataOptions, limit_per_task: int | None = None, seed: int = 0,
+def collect_items(inputs: list, tokenizer, data: DataConfig, limit_per_task: int | None = None, seed: int = 0,
                   report: DataReport | None = None, on_record: Callable[[], None] | None = None) -> list[AuditItem]:
     """Read, normalise, (sample,) render and tokenize: the examples to audit, in input order."""
     data = audit_data_options(data)
@@ -79,7 +80,7 @@ def collect_items(inputs: list, tokenizer, data: DataOptions, limit_per_task: in
     protected = protected_pattern(tokenizer)
     convs = sample_per_task(iter_conversations(inputs, data, report, protected.findall, on_record),
                             limit_per_task, seed)
-    encoded = encode_conversations(convs, tokenizer, tmpl, data.tokenize, protected)
+    encoded = encode_conversations(convs, tokenizer, tmpl, data, protected)
     items = [AuditItem(i, str(conv.where), conv.task, conv, ex, conversation_key(conv))
              for i, (conv, ex) in enumerate(keep_examples(encoded, data.skip_invalid, report))]
     if limit_per_task is not None:  # the report's per-task counts describe what is audited

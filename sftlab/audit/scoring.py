@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import AuditConfig
 from ..data.packing import collate_padded
-from ..data.pipeline import DataOptions
+from ..config import DataConfig
 from ..data.template import assistant_header
 from ..data.tokenize import IGNORE, Example
 from ..data.packing import length_batches
@@ -130,13 +130,13 @@ def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], ca
     return out
 
 
-def build_chunks(pending: list[AuditItem], all_items: list[AuditItem], tokenizer, tmpl, data: DataOptions,
+def build_chunks(pending: list[AuditItem], all_items: list[AuditItem], tokenizer, tmpl, data: DataConfig,
                  cfg: AuditConfig) -> list[ScoreChunk]:
     """Pending items sorted by length and cut into chunks; each chunk's cond/uncond/shot jobs."""
     header_ids = tokenizer(assistant_header(tmpl), add_special_tokens=False).input_ids
     shot_plan = plan_shots(all_items, cfg.few_shot, cfg.few_shot_per_task, cfg.seed)
     pending = sorted(pending, key=lambda it: (len(it.example.input_ids), it.index))
-    tok_opts = audit_data_options(data).tokenize
+    tok_opts = audit_data_options(data)
     chunks = []
     for start in range(0, len(pending), cfg.chunk_examples):
         part = pending[start:start + cfg.chunk_examples]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import AuditConfig
-from ..data.pipeline import DataOptions
+from ..config import DataConfig
 from ..io import atomic_write, read_jsonl
 from .items import AuditItem, audit_data_options
 
@@ -25,7 +25,7 @@ PARTIAL_ROWS, PARTIAL_EMBEDDINGS = "examples.partial.jsonl", "embeddings.partial
 FINAL_FILES = ("examples.jsonl", "embeddings.npy", "tasks.json")
 
 
-def audit_config(inputs, cfg: AuditConfig, data: DataOptions, model: str, model_path: str) -> dict:
+def audit_config(inputs, cfg: AuditConfig, data: DataConfig, model: str, model_path: str) -> dict:
     """Every setting that changes a number (audit.json `config`): a rerun resumes only if it matches."""
     from ..data.load import expand_paths
 
@@ -34,8 +34,8 @@ def audit_config(inputs, cfg: AuditConfig, data: DataOptions, model: str, model_
             "model": model, "model_path": model_path, "dtype": cfg.dtype, "template": d.template,
             "format": d.format, "task_field": d.task_field,
             "task_map": str(Path(d.task_map).resolve()) if d.task_map else None, "strip": list(d.strip),
-            "skip_invalid": d.skip_invalid, "dedup": d.dedup, "max_length": d.tokenize.max_length,
-            "truncation": d.tokenize.truncation, "few_shot": cfg.few_shot,
+            "skip_invalid": d.skip_invalid, "dedup": d.dedup, "max_length": d.max_length,
+            "truncation": d.truncation, "few_shot": cfg.few_shot,
             "few_shot_per_task": cfg.few_shot_per_task, "generate": cfg.generate,
             "max_new_tokens": cfg.max_new_tokens, "limit_per_task": cfg.limit_per_task, "seed": cfg.seed}
 

@@ -6,11 +6,13 @@ record's location and the reason when the record is malformed.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
+from ..config import DataFormat
 from .validate import DataError, Location
 
-FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
+FORMATS = typing.get_args(DataFormat)
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",

@@ -15,37 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DataConfig
 from ..io import progress
-from .formats import FORMATS, Conversation, detect_format, to_conversation
+from .formats import Conversation, detect_format, to_conversation
 from .load import count_records, expand_paths, read_records
 from .template import ChatTemplate, TemplateError, render_conversation, resolve_template
-from .tokenize import Dropped, Example, TokenizeOptions, protected_pattern, tokenize_rendered
+from .tokenize import Dropped, Example, protected_pattern, tokenize_rendered
 from .validate import DataError, InvalidLog, Location
-
-
-@dataclass
-class DataOptions:
-    format: str | None = None  # None: detect per file
-    task_field: str | None = None
-    task_map: str | None = None  # JSON: file stem -> task name, or -> {"task": ..., "cluster": ...}
-    strip: tuple[str, ...] = ()
-    template: str = "default"
-    skip_invalid: bool = False
-    dedup: bool = False
-    tokenize: TokenizeOptions = field(default_factory=TokenizeOptions)
-
-    def __post_init__(self):
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-        self.strip = tuple(self.strip)
-
-    @classmethod
-    def from_config(cls, d) -> "DataOptions":
-        """The options of a `config.DataConfig` section (`data:` of a YAML config)."""
-        return cls(format=d.format, task_field=d.task_field, task_map=d.task_map, strip=tuple(d.strip),
-                   template=d.template, skip_invalid=d.skip_invalid, dedup=d.dedup,
-                   tokenize=TokenizeOptions(max_length=d.max_length, truncation=d.truncation, loss_on=d.loss_on,
-                                            prompt_loss_weight=d.prompt_loss_weight))
 
 
 @dataclass
@@ -92,7 +68,7 @@ def load_task_map(path: str | None) -> dict[str, str]:
     return out
 
 
-def _task_of(rec: dict, path: Path, opts: DataOptions, task_map: dict[str, str], where: Location) -> str | None:
+def _task_of(rec: dict, path: Path, opts: DataConfig, task_map: dict[str, str], where: Location) -> str | None:
     if opts.task_field:
         v = rec.get(opts.task_field)
         if v is None:
@@ -102,7 +78,7 @@ def _task_of(rec: dict, path: Path, opts: DataOptions, task_map: dict[str, str],
     return task_map.get(stem, stem)
 
 
-def _handle(err: DataError, opts: DataOptions, report: DataReport) -> None:
+def _handle(err: DataError, opts: DataConfig, report: DataReport) -> None:
     if not opts.skip_invalid:
         raise err
     report.invalid.add(err)
@@ -121,7 +97,7 @@ def record_progress(inputs, console, label: str):
         yield lambda: p.advance(task)
 
 
-def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: DataReport | None = None,
+def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataReport | None = None,
                        special: Callable[[str], list[str]] | None = None,
                        on_record: Callable[[], None] | None = None) -> Iterator[Conversation]:
     """Valid, normalised conversations in input order (duplicates counted, dropped with `dedup`)."""
@@ -175,7 +151,7 @@ def iter_conversations(inputs: list[str | Path], opts: DataOptions, report: Data
                     report)
 
 
-def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTemplate, opts: TokenizeOptions,
+def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTemplate, opts: DataConfig,
                          protected=None, batch_size: int = 256
                          ) -> Iterator[tuple[Conversation, Example | DataError | Dropped]]:
     """render -> tokenize+mask, in batches: one result per conversation, in order, a failure in place of its
@@ -223,7 +199,7 @@ def keep_examples(results: Iterable[tuple[Conversation, Example | DataError | Dr
             yield conv, res
 
 
-def iter_examples(inputs: list[str | Path], tokenizer, opts: DataOptions, report: DataReport | None = None,
+def iter_examples(inputs: list[str | Path], tokenizer, opts: DataConfig, report: DataReport | None = None,
                   batch_size: int = 256, on_record: Callable[[], None] | None = None,
                   with_conversation: bool = False) -> Iterator[Example]:
     """Tokenized training examples in input order (truncation-policy drops and invalid records counted)."""
@@ -231,6 +207,6 @@ def iter_examples(inputs: list[str | Path], tokenizer, opts: DataOptions, report
     tmpl = resolve_template(opts.template, tokenizer)
     protected = protected_pattern(tokenizer)
     convs = iter_conversations(inputs, opts, report, protected.findall, on_record)
-    encoded = encode_conversations(convs, tokenizer, tmpl, opts.tokenize, protected, batch_size)
+    encoded = encode_conversations(convs, tokenizer, tmpl, opts, protected, batch_size)
     for conv, ex in keep_examples(encoded, opts.skip_invalid, report):
         yield (ex, conv) if with_conversation else ex

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..io import atomic_write
 from .formats import Conversation
-from .pipeline import DataOptions, DataReport, iter_conversations, record_progress
+from ..config import DataConfig
+from .pipeline import DataReport, iter_conversations, record_progress
 
 SPLITS = ("train", "heldout-instances", "heldout-tasks")
 
@@ -119,7 +120,7 @@ def conversation_record(conv: Conversation) -> dict:
     return {"messages": conv.as_dicts(with_train=True), "task": conv.task}
 
 
-def write_split(inputs: list[str], data_opts: DataOptions, opts: SplitOptions, out_dir: Path, console) -> dict:
+def write_split(inputs: list[str], data_opts: DataConfig, opts: SplitOptions, out_dir: Path, console) -> dict:
     """Read, split and write `train.jsonl`, `heldout-instances.jsonl`, `heldout-tasks.jsonl` and `split.json`."""
     report = DataReport()
     with record_progress(inputs, console, "split") as tick:

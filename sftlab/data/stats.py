@@ -12,7 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..io import atomic_write
-from .pipeline import DataOptions, DataReport, iter_examples, record_progress
+from ..config import DataConfig
+from .pipeline import DataReport, iter_examples, record_progress
 from .tokenize import IGNORE
 
 
@@ -30,7 +31,7 @@ def _summary_line(report: DataReport, extra: str = "") -> str:
     return "; ".join(parts) + (f"; {extra}" if extra else "")
 
 
-def tokenize_to_file(inputs, model: str, opts: DataOptions, out: Path, console: Console) -> DataReport:
+def tokenize_to_file(inputs, model: str, opts: DataConfig, out: Path, console: Console) -> DataReport:
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -56,7 +57,7 @@ def percentiles(values: list[int]) -> dict:
             "p99": float(np.percentile(a, 99)), "max": int(a.max()), "mean": float(a.mean())}
 
 
-def inspect_data(inputs, model: str, opts: DataOptions, console: Console, as_json: bool = False) -> dict:
+def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json: bool = False) -> dict:
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
@@ -78,7 +79,7 @@ def inspect_data(inputs, model: str, opts: DataOptions, console: Console, as_jso
         "tokens": n_tokens, "trained_tokens": n_trained,
         "trained_fraction": n_trained / n_tokens if n_tokens else 0.0,
         "length": percentiles(lengths), "response_length": percentiles(trained),
-        "template": opts.template, "loss_on": opts.tokenize.loss_on, "max_length": opts.tokenize.max_length,
+        "template": opts.template, "loss_on": opts.loss_on, "max_length": opts.max_length,
     })
     if as_json:
         print(json.dumps(stats, indent=2))

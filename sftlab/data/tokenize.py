@@ -14,32 +14,13 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from operator import itemgetter
 
+from ..config import DataConfig
 from .formats import Conversation
 from .template import Rendered
 from .validate import DataError, Location
 
-LOSS_ON = ("assistant", "last_assistant", "all")
-TRUNCATION = ("truncate-prompt-left", "drop")
 IGNORE = -100
 _START, _END = itemgetter(0), itemgetter(1)  # of a (start, end) character offset
-
-
-@dataclass
-class TokenizeOptions:
-    max_length: int | None = None
-    truncation: str = "truncate-prompt-left"
-    loss_on: str = "assistant"
-    prompt_loss_weight: float = 0.0  # weight of non-response tokens (0: masked with -100)
-
-    def __post_init__(self):
-        if self.loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
-        if self.truncation not in TRUNCATION:
-            raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}")
-        if not 0.0 <= self.prompt_loss_weight <= 1.0:
-            raise ValueError(f"prompt_loss_weight must be in [0, 1], got {self.prompt_loss_weight}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError("max_length must be at least 2")
 
 
 @dataclass
@@ -147,7 +128,7 @@ def _last_prompt_token(offsets: list[tuple], rendered: Rendered) -> int:
     return bisect_right(offsets, anchor, key=_END)
 
 
-def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts: TokenizeOptions,
+def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts: DataConfig,
                   where: Location, task: str | None = None) -> Example:
     n = len(ids)
     labels = [IGNORE] * n
@@ -191,7 +172,7 @@ def protected_pattern(tokenizer) -> re.Pattern:
     return re.compile("|".join(map(re.escape, strings)) or "(?!)")
 
 
-def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenizer, opts: TokenizeOptions,
+def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenizer, opts: DataConfig,
                       protected: re.Pattern) -> list[Example | DataError | Dropped]:
     """Tokenize a batch of rendered conversations (one fast batched call for the common case)."""
     results: list = [None] * len(batch)

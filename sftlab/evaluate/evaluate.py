@@ -50,7 +50,7 @@ import gc
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,7 +61,8 @@ from .. import layout
 from ..config import EvalConfig
 from ..data.formats import Conversation
 from ..data.load import expand_paths
-from ..data.pipeline import DataOptions, DataReport, encode_conversations, keep_examples
+from ..config import DataConfig
+from ..data.pipeline import DataReport, encode_conversations, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..data.validate import InvalidLog
@@ -93,7 +94,7 @@ def _check_same_vocab(tokenizer, base_spec: str) -> None:
                          "must be scored on the same tokens")
 
 
-def prepare(cfg: EvalConfig, data_opts: DataOptions, tokenizer, tmpl, training_tasks: list[str] | None,
+def prepare(cfg: EvalConfig, data_opts: DataConfig, tokenizer, tmpl, training_tasks: list[str] | None,
             with_few_shot: bool, console: Console) -> Inputs:
     from ..data.pipeline import record_progress
 
@@ -108,7 +109,7 @@ def prepare(cfg: EvalConfig, data_opts: DataOptions, tokenizer, tmpl, training_t
     for path in expand_paths(cfg.general) if cfg.general else []:
         qa[str(path)] = forgetting.read_qa([path], tokenizer, tmpl, cfg.question_field, cfg.answer_field,
                                            cfg.qa_prompt, cfg.limit if cfg.general_limit is None else cfg.general_limit,
-                                           data_opts.skip_invalid, qa_invalid, data_opts.tokenize.max_length, cfg.seed)
+                                           data_opts.skip_invalid, qa_invalid, data_opts.max_length, cfg.seed)
     text = {str(p): forgetting.read_text_windows(p, tokenizer, cfg.text_window, cfg.text_field, cfg.limit)
             for p in cfg.text}
     few, few_tasks = [], []
@@ -119,7 +120,7 @@ def prepare(cfg: EvalConfig, data_opts: DataOptions, tokenizer, tmpl, training_t
         convs = generalization.few_shot_conversations([items[i] for i in idx], cfg.few_shot, cfg.seed)
         index_of = {id(c): i for i, c in zip(idx, convs)}
         # a k-shot prompt the length policy drops (or that fails to render) is left out of the comparison
-        encoded = encode_conversations(convs, tokenizer, tmpl, data_opts.tokenize)
+        encoded = encode_conversations(convs, tokenizer, tmpl, data_opts)
         few = [(index_of[id(conv)], ex, conv) for conv, ex in keep_examples(encoded, True, DataReport())]
     return Inputs(items, qa, text, few, few_tasks, report, qa_invalid)
 
@@ -221,12 +222,12 @@ def side_by_side(inp: Inputs, rows: dict[str, dict], n: int) -> list[dict]:
     return out
 
 
-def scoring_options(data_opts: DataOptions) -> DataOptions:
+def scoring_options(data_opts: DataConfig) -> DataConfig:
     """Scores are over exactly the response tokens: prompt tokens never count, whatever the training weight."""
-    return replace(data_opts, tokenize=replace(data_opts.tokenize, prompt_loss_weight=0.0))
+    return data_opts.model_copy(update={"prompt_loss_weight": 0.0})
 
 
-def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataOptions, base: str | None = None,
+def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base: str | None = None,
              dtype: str = "fp32", console: Console | None = None) -> dict:
     """Evaluate `model` (and `base`, scored on the same tokens) on `cfg`'s files read with `data_opts`, write
     `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics. `cfg.base` is the run's
@@ -282,7 +283,7 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataOptions, bas
                     "max_new_tokens": cfg.max_new_tokens, "qa_max_new_tokens": cfg.qa_max_new_tokens,
                     "qa_prompt": cfg.qa_prompt, "few_shot": cfg.few_shot, "max_labels": cfg.max_labels,
                     "text_window": cfg.text_window, "batch_size": cfg.batch_size,
-                    "forward_batch_tokens": cfg.forward_batch_tokens, "max_length": data_opts.tokenize.max_length},
+                    "forward_batch_tokens": cfg.forward_batch_tokens, "max_length": data_opts.max_length},
         "training_tasks": training_tasks,
         "data": {"files": [str(p) for p in cfg.data], "examples": len(inp.items), "report": inp.report.as_dict(),
                  "qa_invalid": {"total": inp.qa_invalid.total, "by_reason": dict(inp.qa_invalid.counts),

@@ -28,7 +28,8 @@ from pathlib import Path
 from ..data.formats import Conversation, Message
 from ..data.load import expand_paths, read_records
 from ..data.pipeline import DataReport, encode_conversations, keep_examples
-from ..data.tokenize import Example, TokenizeOptions
+from ..config import DataConfig
+from ..data.tokenize import Example
 from ..data.validate import DataError, InvalidLog, Location
 from .metrics import contains_answer, exact_match
 
@@ -77,7 +78,7 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
     if "{question}" not in prompt_format:
         raise ValueError(f"--qa-prompt {prompt_format!r} must contain {{question}}")
     invalid = invalid if invalid is not None else InvalidLog()
-    tok_opts = TokenizeOptions(max_length=max_length)
+    tok_opts = DataConfig(max_length=max_length)
 
     def valid(path):
         for where, rec in read_records(path):

@@ -27,8 +27,8 @@ from .. import layout
 from ..data.fewshot import shot_conversation
 from ..data.formats import Conversation
 from ..data.load import expand_paths
-from ..data.pipeline import (DataOptions, DataReport, encode_conversations, iter_conversations, iter_examples,
-                             keep_examples)
+from ..config import DataConfig
+from ..data.pipeline import DataReport, encode_conversations, iter_conversations, iter_examples, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example, protected_pattern
 from ..lm import GEN_MARGIN
@@ -70,7 +70,7 @@ def sample_records(stream, k: int, seed: str) -> list:
     return [x for _, x in sorted(kept, key=lambda p: p[0])]
 
 
-def load_task_items(inputs: list[str], tokenizer, opts: DataOptions, limit: int | None = None,
+def load_task_items(inputs: list[str], tokenizer, opts: DataConfig, limit: int | None = None,
                     report: DataReport | None = None, on_record: Callable[[], None] | None = None,
                     seed: int = 0) -> list[TaskItem]:
     """Every valid example of the inputs, or with `limit` a seeded random sample of `limit` valid conversations
@@ -87,7 +87,7 @@ def load_task_items(inputs: list[str], tokenizer, opts: DataOptions, limit: int 
     for path in expand_paths(inputs):
         convs = sample_records(iter_conversations([path], opts, report, protected.findall, on_record), limit,
                                f"{seed}:{path.name}")
-        encoded = encode_conversations(convs, tokenizer, tmpl, opts.tokenize, protected)
+        encoded = encode_conversations(convs, tokenizer, tmpl, opts, protected)
         for conv, ex in keep_examples(encoded, opts.skip_invalid, report):
             items.append(TaskItem(str(conv.where), str(conv.task), ex, conv))
     return items

@@ -40,7 +40,8 @@ import torch
 from rich.console import Console
 
 from ..config import RunConfig, dump_config
-from ..data.pipeline import DataOptions, DataReport, iter_examples
+from ..config import DataConfig
+from ..data.pipeline import DataReport, iter_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
@@ -197,8 +198,8 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def data_options(cfg: RunConfig) -> DataOptions:
-    return DataOptions.from_config(cfg.data)
+def data_options(cfg: RunConfig) -> DataConfig:
+    return cfg.data
 
 
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], DataReport]:

@@ -16,19 +16,20 @@ import random
 import torch
 
 from ..config import RunConfig
-from ..data.pipeline import DataOptions, DataReport, iter_examples
+from ..config import DataConfig
+from ..data.pipeline import DataReport, iter_examples
 from ..data.tokenize import Example
 from .plan import MicroBatchStream, trained_weight
 from .precision import MasterWeights
 
 
-def prepare_replay(cfg: RunConfig, tokenizer, opts: DataOptions) -> tuple[list[Example], DataReport | None]:
+def prepare_replay(cfg: RunConfig, tokenizer, opts: DataConfig) -> tuple[list[Example], DataReport | None]:
     """The replay pool: train.replay.data through the same data layer and options (`opts`, the training data's),
     every example labelled train.replay.task (its own format detection; no task field or map)."""
     r = cfg.train.replay
     if r is None:
         return [], None
-    opts = dataclasses.replace(opts, format=r.format, task_field=None, task_map=None)
+    opts = opts.model_copy(update={"format": r.format, "task_field": None, "task_map": None})
     report = DataReport()
     try:
         pool = [dataclasses.replace(ex, task=r.task) for ex in iter_examples(r.data, tokenizer, opts, report)]
