@@ -15,11 +15,7 @@ T0_FILES = ("ag_news_classify", "cnn_dailymail_3_0_0_tldr_summary")
 
 
 @pytest.fixture
-def runner(monkeypatch, tokenizer):
-    """CLI runner; `--model default` resolves to the already loaded tokenizer (loading it again costs ~1 s)."""
-    import sftlab.models
-
-    monkeypatch.setattr(sftlab.models, "load_tokenizer", lambda spec: tokenizer)
+def runner():
     return CliRunner()
 
 

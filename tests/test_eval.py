@@ -95,7 +95,7 @@ def test_nll_matches_plain_transformers(tmp_path, tokenizer, tiny_model):
 
     extra = [ex for _, ex in encode_conversations([Conversation([Message(m["role"], m["content"]) for m in convs[2]])],
                                                   tokenizer, resolve_template("default", tokenizer),
-                                                  DataConfig().tokenize)]
+                                                  DataConfig())]
     both = example_nll(tiny_model, [it.example for it in items] + extra, tokenizer.pad_token_id)
     assert [n.mean for n in both[:2]] == pytest.approx([n.mean for n in nlls], rel=1e-5)
     with torch.no_grad():
