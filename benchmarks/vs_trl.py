@@ -160,13 +160,13 @@ def sample_examples(args, workdir: Path, model_dir: str) -> tuple[Path, list, di
 
     from sftlab.data.pipeline import DataReport, iter_examples
     from sftlab.models import load_tokenizer
-    from sftlab.train.loop import data_options, prepare_data
+    from sftlab.train.loop import prepare_data
 
     need = args.batch_size * (args.warmup + args.steps)
     tokenizer = load_tokenizer(model_dir)
     spec = base_spec(args, model_dir, str(workdir / "sample.jsonl"))
     cfg = sftlab_config(spec)
-    opts = data_options(cfg)
+    opts = cfg.data
     pool = sample_lines(args.data, min(max(2 * need, need + 64), _count_lines(args.data)), args.seed)
     cand = workdir / "candidates.jsonl"
     cand.write_bytes(b"".join(pool))

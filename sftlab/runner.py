@@ -99,9 +99,8 @@ def eval_enabled(cfg: RunConfig) -> bool:
 def _run_audit(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
     from .audit.command import run_audit
     from .audit.verdicts import VERDICTS
-    from .train.loop import data_options
 
-    summary = run_audit(list(cfg.data.train), run_dir / "audit", cfg.audit, data_options(cfg), cfg.model.path,
+    summary = run_audit(list(cfg.data.train), run_dir / "audit", cfg.audit, cfg.data, cfg.model.path,
                         console=console)
     counts = Counter(s["verdict"] for s in summary["tasks"].values())
     return {"examples": summary["overall"]["n"], "tasks": len(summary["tasks"]),
@@ -129,9 +128,8 @@ def _run_train(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
 
 def _run_eval(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
     from .evaluate.evaluate import evaluate, key_numbers
-    from .train.loop import data_options
 
-    metrics = evaluate(cfg.eval, str(trained_model_dir(cfg, run_dir)), run_dir / layout.EVAL_DIR, data_options(cfg),
+    metrics = evaluate(cfg.eval, str(trained_model_dir(cfg, run_dir)), run_dir / layout.EVAL_DIR, cfg.data,
                        base=cfg.eval.base or cfg.model.path, dtype=cfg.model.dtype, console=console)
     return key_numbers(metrics)
 

@@ -15,7 +15,7 @@ from sftlab.config import ConfigError, load_config
 from sftlab.data.packing import collate_padded
 from sftlab.data.tokenize import Example
 from sftlab.models import load_model, load_tokenizer
-from sftlab.train.loop import data_options, prepare_data, train
+from sftlab.train.loop import prepare_data, train
 from sftlab.train.mitigations import add_l2_grad, frozen_copy, l2_anchor, needs_base_copy, prepare_replay
 from sftlab.train.objective import SFTLossModule
 from sftlab.train.plan import MicroBatchStream, epoch_batches, replay_count
@@ -278,7 +278,7 @@ def test_replay_loss_counts_replay_tokens_and_summary(tmp_path, tiny_model_dir):
     train(cfg)
     tok = load_tokenizer(str(tiny_model_dir))
     task_ex, _, _ = prepare_data(cfg, tok)
-    replay_ex, _ = prepare_replay(cfg, tok, data_options(cfg))
+    replay_ex, _ = prepare_replay(cfg, tok, cfg.data)
     assert {ex.task for ex in replay_ex} == {"replay"}
     stream = MicroBatchStream(task_ex, cfg, per_step=2, replay=replay_ex)
     pool = task_ex + replay_ex
@@ -313,7 +313,7 @@ def test_resume_with_all_mitigations_is_bit_exact(tmp_path, tiny_model_dir, batc
               "train.replay.ratio=0.3", "train.kl_to_base=0.5", "train.l2_to_base=1.0"]
     cfg = make_cfg(tmp_path, tiny_model_dir, "straight", *common, "train.max_steps=4")
     tok = load_tokenizer(str(tiny_model_dir))
-    assert MicroBatchStream(prepare_data(cfg, tok)[0], cfg, 1, replay=prepare_replay(cfg, tok, data_options(cfg))[0]).per_epoch < 4
+    assert MicroBatchStream(prepare_data(cfg, tok)[0], cfg, 1, replay=prepare_replay(cfg, tok, cfg.data)[0]).per_epoch < 4
     train(cfg)
     train(make_cfg(tmp_path, tiny_model_dir, "resumed", *common, "train.max_steps=2"))
     res = train(make_cfg(tmp_path, tiny_model_dir, "resumed", *common, "train.max_steps=4"))

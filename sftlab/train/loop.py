@@ -25,13 +25,11 @@ or a test varies them by passing other functions. Forgetting mitigations (replay
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +38,19 @@ import torch
 from rich.console import Console
 
 from ..config import RunConfig, dump_config
-from ..config import DataConfig
 from ..data.pipeline import DataReport, iter_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
 from ..models import load_model, load_tokenizer, resolve_attention
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
+from .components import apply_lora, lr_lambda
+from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
 from .loss import sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
                           replay_counts, replay_share)
-from .outputs import MetricsLog, fingerprint, save_final
+from .outputs import MetricsLog, fingerprint, save_final, summary_line
 from .plan import EpochPlanner, MicroBatchStream, collate, epoch_batches, trained_weight, validation_batches
 from .precision import MasterWeights, cast_model
 from .runtime import init_adamw_state, release_memory, reset_accelerate_state, tune_malloc
@@ -59,17 +58,6 @@ from .runtime import init_adamw_state, release_memory, reset_accelerate_state, t
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; training stopped and the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """A stop signal arrived; the step in progress finished and `checkpoint` holds it."""
-
-    def __init__(self, signal_name: str, step: int, checkpoint: Path):
-        super().__init__(f"{signal_name} at step {step}: stopped after writing {checkpoint}")
-        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -159,54 +147,11 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True,
             log.close()
 
 
-def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
-
-
-def completed(out: Path, cfg: RunConfig) -> TrainResult | None:
-    """The result of a finished run of this same config in `out` (summary.json written last), else None."""
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    model_dir = Path(summary.get("model_dir", ""))
-    if summary.get("config_sha256") != config_hash(cfg) or not model_dir.is_dir():
-        return None
-    return TrainResult(out, summary["steps"], summary["final_loss"], summary["eval_loss"],
-                       summary["initial_eval_loss"], summary["train_examples"], summary["weight_change"], model_dir)
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """While the block runs, the first SIGTERM/SIGINT/SIGUSR1 is recorded (`stop["signal"]`) for the loop to stop
-    after the step in progress; a second one raises at once. Outside the main thread nothing is installed."""
-    stop: dict = {"signal": None}
-
-    def handler(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
-        stop["signal"] = signal.Signals(signum).name
-
-    try:
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    except ValueError:  # not the main thread
-        previous = {}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def data_options(cfg: RunConfig) -> DataConfig:
-    return cfg.data
-
-
 def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
     """Training and validation examples (data.validation, or a seeded data.validation_fraction of train)."""
     if not cfg.data.train:
         raise ValueError("data.train is empty: give training data files (data.train=[path, ...])")
-    opts = data_options(cfg)
+    opts = cfg.data
     report = DataReport()
     train_ex = list(iter_examples(cfg.data.train, tokenizer, opts, report))
     if not train_ex:
@@ -243,7 +188,7 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     tokenizer = load_tokenizer(cfg.model.path)
     tmpl = resolve_template(cfg.data.template, tokenizer)
     train_ex, eval_ex, report = prepare_data(cfg, tokenizer)
-    replay_ex, replay_report = prepare_replay(cfg, tokenizer, data_options(cfg))
+    replay_ex, replay_report = prepare_replay(cfg, tokenizer, cfg.data)
     world = accelerator.num_processes
     stream = MicroBatchStream(train_ex, cfg, t.grad_accum * world, world, replay_ex, planner)
 
@@ -347,17 +292,9 @@ def fit(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, co
             saved = t.save_every and state.step % t.save_every == 0 and state.step < total
             if saved:
                 checkpoint(run, state, cfg, out, log)
-            if stop_requested(run, stop):
+            if stop_requested(run.accelerator, stop):
                 path = checkpoint(run, state, cfg, out, log) if not saved else list_checkpoints(out)[-1]
                 raise TrainingInterrupted(stop["signal"] or "stop signal", state.step, path)
-
-
-def stop_requested(run: Setup, stop: dict) -> bool:
-    """Whether any process received a stop signal (processes agree, so all stop after the same step)."""
-    flag = torch.tensor([1.0 if stop["signal"] else 0.0])
-    if run.accelerator.num_processes > 1:
-        flag = run.accelerator.reduce(flag.to(run.accelerator.device), reduction="sum").cpu()
-    return bool(flag.item())
 
 
 def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
@@ -497,34 +434,3 @@ def write_summary(run: Setup, state: State, cfg: RunConfig, result: TrainResult,
         f.write(json.dumps(summary, indent=2))
 
 
-def summary_line(r: TrainResult) -> str:
-    """`done N steps, final loss …, eval loss a -> b, weights moved …` (a run that took no step has no loss)."""
-    parts = [f"[green]done[/] {r.steps} steps"]
-    if r.final_loss is not None:
-        parts.append(f"final loss {r.final_loss:.4f}")
-    if r.eval_loss is not None:
-        parts.append(f"eval loss {r.initial_eval_loss:.4f} -> {r.eval_loss:.4f}" if r.initial_eval_loss is not None
-                     else f"eval loss {r.eval_loss:.4f}")
-    return ", ".join(parts) + f", weights moved {r.weight_change.get('overall', 0.0):.2e} (relative) -> {r.model_dir}"
-
-
-def apply_lora(model, cfg: RunConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lc = cfg.lora
-    return get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                            target_modules=lc.target_modules, use_dora=lc.use_dora,
-                                            task_type="CAUSAL_LM"))
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress_)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
-    return f

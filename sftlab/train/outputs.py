@@ -90,3 +90,14 @@ def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path) 
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def summary_line(r) -> str:
+    """`done N steps, final loss …, eval loss a -> b, weights moved …` (a run that took no step has no loss)."""
+    parts = [f"[green]done[/] {r.steps} steps"]
+    if r.final_loss is not None:
+        parts.append(f"final loss {r.final_loss:.4f}")
+    if r.eval_loss is not None:
+        parts.append(f"eval loss {r.initial_eval_loss:.4f} -> {r.eval_loss:.4f}" if r.initial_eval_loss is not None
+                     else f"eval loss {r.eval_loss:.4f}")
+    return ", ".join(parts) + f", weights moved {r.weight_change.get('overall', 0.0):.2e} (relative) -> {r.model_dir}"
