@@ -9,14 +9,31 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# keys that were renamed (section.key): the old name is an error that names the new one, in YAML, overrides and
+# the Python API alike
+RENAMED = {"data.eval": "data.validation", "data.eval_fraction": "data.validation_fraction",
+           "audit.batch_tokens": "audit.forward_batch_tokens", "eval.batch_tokens": "eval.forward_batch_tokens"}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    section: ClassVar[str] = ""  # the section's name in a config file (for RENAMED)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        if isinstance(data, dict):
+            old = [f"'{k}' was renamed to '{v}'" for k, v in RENAMED.items()
+                   if k.rpartition(".")[0] == cls.section and k.rpartition(".")[2] in data]
+            if old:
+                raise ValueError("; ".join(old))
+        return data
 
 
 class ModelConfig(Strict):
@@ -41,6 +58,7 @@ DataFormat = Literal["alpaca", "prompt_completion", "messages", "sharegpt"]
 
 
 class DataConfig(Strict):
+    section: ClassVar[str] = "data"
     train: list[str] = Field(default_factory=list, description="Training data: files, directories, globs, saved datasets")
     validation: list[str] = Field(default_factory=list, description="Validation-loss data (if empty, "
                                   "validation_fraction of train)")
@@ -148,6 +166,7 @@ class TrainConfig(Strict):
 
 # ---- sftlab run: the stages around training (`sftlab train` ignores these sections) ----------------------------
 class AuditConfig(Strict):
+    section: ClassVar[str] = "audit"
     enabled: bool = Field(True, description="sftlab run: audit data.train with the base model first (RUN/audit)")
     few_shot: int = Field(0, ge=0, description="K solved examples of the same task before the prompt (0: off)")
     few_shot_per_task: int = Field(50, ge=0, description="Examples per task that get the few-shot baseline")
@@ -163,12 +182,6 @@ class AuditConfig(Strict):
     known_nll: float = Field(0.5, ge=0, description="Verdict 'known' at median s_cond <= this (nats/token)")
     latent_ratio: float = Field(0.6, gt=0, description="Verdict 'latent' at median IFD or few-shot ratio <= this")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data):
-        if isinstance(data, dict) and "batch_tokens" in data:
-            raise ValueError("audit.batch_tokens was renamed to audit.forward_batch_tokens")
-        return data
 
 
 class SelectConfig(Strict):
@@ -198,6 +211,7 @@ class SelectConfig(Strict):
 
 class EvalConfig(Strict):
     """`sftlab eval` and the run's eval stage (`evaluate.evaluate.evaluate` takes this section)."""
+    section: ClassVar[str] = "eval"
 
     data: list[str] = Field(default_factory=list, description="Task data to evaluate, model vs base (read with the "
                             "data options; repeatable); sftlab run skips eval when data, general and text are empty")
@@ -225,13 +239,6 @@ class EvalConfig(Strict):
     bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the CIs")
     seed: int = Field(0, description="Seed for the samples, bootstrap and few-shot demonstrations")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data):
-        if isinstance(data, dict) and "batch_tokens" in data:
-            raise ValueError("eval.batch_tokens is now eval.forward_batch_tokens (padded tokens per NLL forward "
-                             "pass); rename the key")
-        return data
 
 
 class RunConfig(Strict):
@@ -251,8 +258,6 @@ class ConfigError(ValueError):
     pass
 
 
-# keys that were renamed: the old name is an error that names the new one
-RENAMED = {"data.eval": "data.validation", "data.eval_fraction": "data.validation_fraction"}
 
 
 def _sub_model(annotation) -> tuple[type[BaseModel] | None, bool]:
@@ -319,9 +324,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the config must be a mapping of sections")
     for k, v in parse_overrides(overrides or []):
         set_dotted(tree, k, v)
-    renamed = [f"'{old}' was renamed to '{new}'" for old, new in RENAMED.items() if _has_key(tree, old)]
-    if renamed:
-        raise ConfigError((f"{path}: " if path else "") + "; ".join(renamed))
     try:
         return schema.model_validate(tree)
     except ValidationError as e:
@@ -331,18 +333,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if err["type"] == "extra_forbidden":
                 lines.append(f"unknown key '{key}'{_suggest(key, schema)}")
             else:
-                lines.append(f"{key}: {err['msg']}")
+                lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
         where = f"{path}: " if path else ""
         raise ConfigError(where + "; ".join(lines)) from None
-
-
-def _has_key(tree: dict, dotted: str) -> bool:
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def config_help(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -193,7 +193,7 @@ def test_resume_after_a_torn_partial_line(tmp_path, tiny_model, tokenizer, share
 
 
 def test_renamed_batch_tokens_names_the_new_key():
-    with pytest.raises(ConfigError, match="audit.batch_tokens was renamed to audit.forward_batch_tokens"):
+    with pytest.raises(ConfigError, match="'audit.batch_tokens' was renamed to 'audit.forward_batch_tokens'"):
         load_config(None, ["audit.batch_tokens=4096"])
     assert load_config(None, ["audit.forward_batch_tokens=4096"]).audit.forward_batch_tokens == 4096
 

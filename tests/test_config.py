@@ -31,7 +31,7 @@ def test_config_sections_and_errors(tmp_path):
 
 
 def test_renamed_eval_key_names_the_new_one():
-    with pytest.raises(ConfigError, match="eval.batch_tokens is now eval.forward_batch_tokens"):
+    with pytest.raises(ConfigError, match="'eval.batch_tokens' was renamed to 'eval.forward_batch_tokens'"):
         load_config(None, ["eval.batch_tokens=2048"])
     cfg = load_config(None, ["eval.forward_batch_tokens=2048", "eval.max_labels=5", "eval.text_window=64"])
     assert (cfg.eval.forward_batch_tokens, cfg.eval.max_labels, cfg.eval.text_window) == (2048, 5, 64)

@@ -37,7 +37,7 @@ def test_renamed_keys_name_the_new_one(tmp_path):
         load_config(None, ["data.eval=[a.jsonl]"])
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  eval_fraction: 0.1\n")
-    with pytest.raises(ConfigError, match=f"{path}: 'data.eval_fraction' was renamed to 'data.validation_fraction'"):
+    with pytest.raises(ConfigError, match=f"{path}: data: 'data.eval_fraction' was renamed to 'data.validation_fraction'"):
         load_config(path, [])
     assert load_config(None, ["data.validation_fraction=0.1"]).data.validation_fraction == 0.1
 
