@@ -33,7 +33,7 @@ def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):
 
     con = quiet()
     # fp32: accelerate keeps the first mixed-precision setting of the process (other tests train in fp32)
-    res = run_demo(tmp_path / "demo", str(tiny_model_dir), ["train.max_steps=2", "train.precision=fp32", "data.eval=[]",
+    res = run_demo(tmp_path / "demo", str(tiny_model_dir), ["train.max_steps=2", "train.precision=fp32", "data.validation=[]",
                                                        "audit.limit_per_task=1", "eval.limit=6",
                                                        "eval.max_new_tokens=2", "eval.bootstrap=20"], con)
     out = printed(con)
