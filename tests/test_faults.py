@@ -78,6 +78,21 @@ def metrics_steps(run: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r]
 
 
+def train_to_end(run: Path, common: list[str], *extra: str) -> str:
+    """`sftlab train` into `run` until it ends; it must succeed. Returns its output, unwrapped."""
+    proc = cli(["train", f"output_dir={run}", *extra, *common])
+    out = flat(proc.communicate(timeout=600)[0])
+    assert proc.returncode == 0, out
+    return out
+
+
+def started(run: Path, common: list[str], until: str) -> subprocess.Popen:
+    """`sftlab train` into `run`, returned once `run/until` exists (the run is alive and that far)."""
+    proc = cli(["train", f"output_dir={run}", *common])
+    wait_for(run / until, proc)
+    return proc
+
+
 def assert_same_run(run: Path, ref_weights: dict, ref_steps: list[int]) -> None:
     got = weights(run)
     assert got.keys() == ref_weights.keys()
@@ -100,8 +115,7 @@ def test_kill9_at_random_points_then_resume_is_bit_exact(setup):
     rng = random.Random(1234)
     kills = 0
     while kills < 10:
-        proc = cli(["train", f"output_dir={run}", *common])
-        wait_for(run / "config.yaml", proc)  # setup done: data read, model loaded, training about to start
+        proc = started(run, common, "config.yaml")  # setup done: data read, model loaded, training about to start
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is not None:  # finished before the kill: start again from scratch for the next point
             assert proc.returncode == 0
@@ -112,9 +126,7 @@ def test_kill9_at_random_points_then_resume_is_bit_exact(setup):
         for ckpt in list_checkpoints(run):  # whatever was listed as complete is complete
             assert {"state.json", "trainable.safetensors", "optimizer.pt"} <= {p.name for p in ckpt.iterdir()}
         assert not (run / "summary.json").exists()
-    proc = cli(["train", f"output_dir={run}", *common])
-    out = flat(proc.communicate(timeout=600)[0])
-    assert proc.returncode == 0, out
+    train_to_end(run, common)
     assert kills >= 10
     assert_same_run(run, ref_w, ref_steps)
 
@@ -122,8 +134,7 @@ def test_kill9_at_random_points_then_resume_is_bit_exact(setup):
 def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(setup):
     root, common, ref_w, ref_steps = setup
     run = root / "term"
-    proc = cli(["train", f"output_dir={run}", *common])
-    wait_for(run / "metrics.jsonl", proc)
+    proc = started(run, common, "metrics.jsonl")
     while not metrics_steps(run):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
@@ -132,9 +143,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_exact(setup):
     assert "interrupted by SIGTERM at step" in out and "resume with: sftlab train" in out
     step = int(out.split("interrupted by SIGTERM at step ")[1].split(":")[0])
     assert 0 < step < STEPS and list_checkpoints(run)[-1].name == f"step-{step:08d}"
-    proc = cli(["train", f"output_dir={run}", *common])
-    out = flat(proc.communicate(timeout=600)[0])
-    assert proc.returncode == 0, out
+    out = train_to_end(run, common)
     assert f"resuming from {run / 'checkpoints' / f'step-{step:08d}'}" in out
     assert_same_run(run, ref_w, ref_steps)
 
@@ -153,25 +162,20 @@ def test_a_checkpoint_the_disk_refuses_is_a_clear_error_and_nothing_is_marked_co
     assert "step-00000003: could not write the checkpoint (File too large" in out
     assert not list_checkpoints(run) and not any((run / "checkpoints").glob(".*.tmp"))
     assert not (run / "model").exists() and not (run / "summary.json").exists()
-    proc = cli(["train", f"output_dir={run}", *common])  # with room again, the run completes
-    out = flat(proc.communicate(timeout=600)[0])
-    assert proc.returncode == 0, out
+    train_to_end(run, common)  # with room again, the run completes
     assert_same_run(run, ref_w, ref_steps)
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(setup):
     root, common, ref_w, ref_steps = setup
     run = root / "trunc"
-    proc = cli(["train", f"output_dir={run}", *common])
-    wait_for(run / "checkpoints" / "step-00000009", proc)
+    proc = started(run, common, "checkpoints/step-00000009")
     proc.send_signal(signal.SIGKILL)  # killed after two checkpoints; then the newest one is cut short
     proc.wait()
     newest, previous = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
     blob = newest / "trainable.safetensors"
     blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
-    proc = cli(["train", f"output_dir={run}", *common])
-    out = flat(proc.communicate(timeout=600)[0])
-    assert proc.returncode == 0, out
+    out = train_to_end(run, common)
     assert f"warning: {newest}: unreadable checkpoint" in out and f"resuming from {previous}" in out
     assert_same_run(run, ref_w, ref_steps)
 
@@ -179,8 +183,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(setup):
 def test_second_writer_is_refused_and_a_finished_run_is_not_trained_again(setup):
     root, common, ref_w, ref_steps = setup
     run = root / "busy"
-    first = cli(["train", f"output_dir={run}", *common])
-    wait_for(run / "config.yaml", first)
+    first = started(run, common, "config.yaml")
     first.send_signal(signal.SIGSTOP)  # the first run is alive, holding the directory, while the second starts
     try:
         second = cli(["train", f"output_dir={run}", *common])
@@ -199,7 +202,5 @@ def test_second_writer_is_refused_and_a_finished_run_is_not_trained_again(setup)
     assert f"complete {run} already holds this run ({STEPS} steps" in out
     assert before == ((run / "metrics.jsonl").read_bytes(), (run / "model" / "model.safetensors").stat().st_mtime_ns)
     # --no-resume starts over: a fresh log and the same result
-    fresh = cli(["train", f"output_dir={run}", "--no-resume", *common])
-    out = flat(fresh.communicate(timeout=600)[0])
-    assert fresh.returncode == 0 and "resuming" not in out, out
+    assert "resuming" not in train_to_end(run, common, "--no-resume")
     assert_same_run(run, ref_w, ref_steps)
