@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..generate import generate
 from ..io import atomic_write, progress, read_jsonl
-from .score import IFEvalPrompt
+from .score import IFEvalPrompt, load_prompts, match_responses, score
 
 
 def generate_responses(model, tokenizer, template, prompts: list[IFEvalPrompt], max_new_tokens: int = 1024,
@@ -44,3 +44,9 @@ def read_responses(path: Path) -> list[dict]:
     if not rows and not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such responses file")
     return rows
+
+
+def score_file(responses: Path, inputs: Path, partial: bool = False) -> dict:
+    """`score` of an upstream responses file against an IFEval input file, responses matched by prompt."""
+    prompts, texts = match_responses(load_prompts(inputs), read_responses(responses), partial, where=str(responses))
+    return score(prompts, texts)

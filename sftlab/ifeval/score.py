@@ -87,6 +87,16 @@ def score(prompts: list[IFEvalPrompt], responses: list[str]) -> dict:
     return {**figures(rows), "rows": rows}
 
 
+def summary_lines(figs: dict) -> list[str]:
+    """The figures as a short text table: the four accuracies, then instruction-level accuracy per family."""
+    lines = [f"IFEval: {figs['prompts']} prompts, {figs['instructions']} instructions",
+             f"{'':<20}{'strict':>8}{'loose':>8}",
+             f"{'prompt-level':<20}{figs['prompt_strict']:>8.1%}{figs['prompt_loose']:>8.1%}",
+             f"{'instruction-level':<20}{figs['instruction_strict']:>8.1%}{figs['instruction_loose']:>8.1%}"]
+    lines += [f"  {fam:<18}{v['strict']:>8.1%}{v['loose']:>8.1%}   n={v['n']}" for fam, v in figs["by_family"].items()]
+    return lines
+
+
 def _delta(base: list[float], tuned: list[float], weights: list[float] | None, n_resamples: int, seed: int) -> dict:
     d, lo, hi = paired_bootstrap_ci(base, tuned, weights=weights, n_resamples=n_resamples, seed=seed)
     return {"delta": d, "ci95": [lo, hi], "n": len(base)}
