@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftlab.ifeval import generate_responses, load_prompts, score, summary_lines, write_responses
+from sftlab.ifeval.responses import generate_responses, write_responses
+from sftlab.ifeval.score import load_prompts, score, summary_lines
 from sftlab.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

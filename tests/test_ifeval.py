@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sftlab.cli import app
-from sftlab.ifeval import (IFEvalPrompt, compare, figures, generate_responses, load_prompts, match_responses, score,
-                           score_file, write_responses)
+from sftlab.ifeval.responses import generate_responses, score_file, write_responses
+from sftlab.ifeval.score import IFEvalPrompt, compare, figures, load_prompts, match_responses, score
 from sftlab.ifeval.checkers import ensure_punkt, follows, instruction_registry, loose_variants
 
 LONG = " ".join(["word"] * 310)
