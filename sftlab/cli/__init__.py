@@ -2,7 +2,7 @@
 command has a Python API). The commands live in `train.py`, `evaluate.py` and `data.py`; their flags are made from
 the config's own definitions (`options.py`)."""
 
-from . import train, evaluate, data  # each registers its commands on `app`, in this order  # noqa: I001
+from . import train, evaluate, data, ifeval  # each registers its commands on `app`, in this order  # noqa: I001
 from .common import app
 
-__all__ = ["app", "train", "evaluate", "data"]
+__all__ = ["app", "train", "evaluate", "data", "ifeval"]
