@@ -238,6 +238,13 @@ class EvalConfig(Strict):
     text_field: str = Field("text", description="Record field holding the document in JSONL/JSON text files")
     bootstrap: int = Field(1000, ge=1, description="Bootstrap resamples for the CIs")
     seed: int = Field(0, description="Seed for the samples, bootstrap and few-shot demonstrations")
+    ifeval: bool = Field(False, description="Instruction following: greedy replies to IFEval's prompts, scored by "
+                         "its checkers (prompt/instruction level, strict/loose), tuned vs base (docs/ifeval.md)")
+    ifeval_inputs: str = Field("../shared/data/ifeval/input_data.jsonl", description="IFEval's input_data.jsonl "
+                               "(the default is this project's shared copy; give your own path elsewhere)")
+    ifeval_limit: int | None = Field(None, ge=1, description="A seeded sample of N IFEval prompts (None: all 541)")
+    ifeval_max_new_tokens: int = Field(1024, ge=1, description="Generation budget per IFEval reply (it asks for "
+                                       "long answers)")
 
 
 

@@ -92,7 +92,7 @@ def _data_settings(cfg: RunConfig) -> dict:
 
 
 def eval_enabled(cfg: RunConfig) -> bool:
-    return bool(cfg.eval.data or cfg.eval.general or cfg.eval.text)
+    return bool(cfg.eval.data or cfg.eval.general or cfg.eval.text or cfg.eval.ifeval)
 
 
 # ---- the stages -----------------------------------------------------------------------------------------------------

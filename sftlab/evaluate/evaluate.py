@@ -58,14 +58,15 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import layout
-from ..config import EvalConfig
+from ..config import DataConfig, EvalConfig
 from ..data.formats import Conversation
 from ..data.load import expand_paths
-from ..config import DataConfig
 from ..data.pipeline import DataReport, encode_conversations, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..data.validate import InvalidLog
+from ..ifeval import responses as ifeval_responses
+from ..ifeval import score as ifeval_score
 from ..io import progress
 from . import forgetting, generalization
 from .scoring import example_nll
@@ -235,8 +236,8 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
     from ..io import atomic_write
     from ..models import load_model, load_tokenizer
 
-    if not (cfg.data or cfg.general or cfg.text):
-        raise ValueError("nothing to evaluate: pass --data, --general or --text")
+    if not (cfg.data or cfg.general or cfg.text or cfg.ifeval):
+        raise ValueError("nothing to evaluate: pass --data, --general, --text or --ifeval")
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     data_opts = scoring_options(data_opts)
@@ -246,7 +247,8 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
         _check_same_vocab(tokenizer, base)
     training_tasks = generalization.training_tasks_of(model)
     inp = prepare(cfg, data_opts, tokenizer, tmpl, training_tasks, base is not None, console)
-    if not (inp.items or inp.qa or inp.text):
+    prompts = ifeval_score.load_prompts(cfg.ifeval_inputs, cfg.ifeval_limit, cfg.seed) if cfg.ifeval else []
+    if not (inp.items or inp.qa or inp.text or prompts):
         raise ValueError("no valid example to evaluate in the given files")
     labels = generalization.task_label_sets(inp.items, cfg.max_labels)
     budgets = generalization.generation_budgets(inp.items, tokenizer, cfg.max_new_tokens)
@@ -258,6 +260,9 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
         lm = load_model(spec, dtype=dtype)
         rows[role] = score_model(lm, tokenizer, tmpl, inp, cfg, labels, budgets, role, console,
                                  with_few_shot=role == "base")
+        if prompts:
+            rows[role]["ifeval"] = ifeval_responses.evaluate_model(lm, tokenizer, tmpl, prompts,
+                                                                   cfg.ifeval_max_new_tokens, cfg.batch_size, console)
         del lm
         gc.collect()
 
@@ -291,6 +296,8 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
                  "label_sets": labels, "generation_budgets": budgets},
         "results": results, "deltas": deltas, "few_shot": few,
         "generations": side_by_side(inp, rows, cfg.generations),
+        "ifeval": ifeval_responses.section({role: r["ifeval"] for role, r in rows.items()}, cfg.bootstrap,
+                                           cfg.seed) if prompts else None,
     }
     metrics["wall_s"] = time.perf_counter() - t0
     out = Path(out)
@@ -300,12 +307,21 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
                 f.write(json.dumps({"model": role, "kind": "task", **row}, ensure_ascii=False) + "\n")
             for row in r["few"]:
                 f.write(json.dumps({"model": role, "kind": f"{cfg.few_shot}-shot", **row}, ensure_ascii=False) + "\n")
+            for row in r.get("ifeval", []):
+                f.write(json.dumps({"model": role, "kind": "ifeval", **row}, ensure_ascii=False) + "\n")
             for path, qrows in r["qa"].items():
                 for row in qrows:
                     f.write(json.dumps({"model": role, "kind": "qa", "file": path, **row}, ensure_ascii=False) + "\n")
     with atomic_write(out / layout.EVAL_METRICS) as f:
         f.write(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     print_summary(metrics, Console())
+    if metrics["ifeval"]:
+        lines = ifeval_score.summary_lines(metrics["ifeval"]["model"])
+        d = metrics["ifeval"].get("deltas")
+        if d:
+            lines += [f"vs base: {k} {100 * v['delta']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+                      for k, v in d.items() if k in ifeval_score.FIGURES]
+        Console().print("\n".join(lines), highlight=False, markup=False)
     if inp.report.special_text:
         console.print("[bold yellow]warning:[/] data text contains control-token strings, scored as plain text: "
                       + ", ".join(f"{k!r} x{v}" for k, v in inp.report.special_text.items())
@@ -388,6 +404,10 @@ def metrics_line(m: dict) -> str:
                      f"EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% (n={v['n']})")
     for path, v in res["general"]["text"].items():
         parts.append(f"{Path(path).name}: perplexity {v['perplexity']:.2f}")
+    if m.get("ifeval"):
+        f = m["ifeval"]["model"]
+        parts.append(f"IFEval ({f['prompts']} prompts) prompt strict {100 * f['prompt_strict']:.1f}%, instruction "
+                     f"loose {100 * f['instruction_loose']:.1f}%")
     return "; ".join(parts)
 
 

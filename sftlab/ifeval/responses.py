@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..generate import generate
 from ..io import atomic_write, progress, read_jsonl
-from .score import IFEvalPrompt, load_prompts, match_responses, score
+from .score import IFEvalPrompt, compare, figures, load_prompts, match_responses, score, score_rows
 
 
 def generate_responses(model, tokenizer, template, prompts: list[IFEvalPrompt], max_new_tokens: int = 1024,
@@ -50,3 +50,19 @@ def score_file(responses: Path, inputs: Path, partial: bool = False) -> dict:
     """`score` of an upstream responses file against an IFEval input file, responses matched by prompt."""
     prompts, texts = match_responses(load_prompts(inputs), read_responses(responses), partial, where=str(responses))
     return score(prompts, texts)
+
+
+def evaluate_model(model, tokenizer, template, prompts: list[IFEvalPrompt], max_new_tokens: int, batch_size: int,
+                   console=None) -> list[dict]:
+    """Per prompt: the model's greedy reply and the strict/loose verdict of each instruction (`sftlab eval`)."""
+    responses = generate_responses(model, tokenizer, template, prompts, max_new_tokens, batch_size, console=console)
+    return [{**row, "prompt": p.prompt, "response": r}
+            for p, r, row in zip(prompts, responses, score_rows(prompts, responses))]
+
+
+def section(rows: dict[str, list[dict]], n_resamples: int, seed: int) -> dict:
+    """metrics.json's `ifeval`: the figures of each model scored (`model`, `base`) and, with a base, the deltas."""
+    out: dict = {role: figures(r) for role, r in rows.items()}
+    if "base" in rows:
+        out["deltas"] = compare(rows["base"], rows["model"], n_resamples, seed)
+    return out
