@@ -202,3 +202,30 @@ def test_score_cli_json(tmp_path, shared_data):
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
     missing = runner.invoke(app, ["ifeval", "score", str(responses), "--inputs", str(inputs), "--json"])
     assert missing.exit_code == 1 and "539 of 541 prompts have no response" in missing.output
+
+
+def test_eval_ifeval_tuned_vs_base_in_metrics_examples_and_report(tmp_path, tiny_model_dir, shared_data):
+    """`sftlab eval --ifeval`: both models' replies scored; a model compared with itself has zero deltas; the
+    rows in examples.jsonl re-score to the figures; the report shows the section."""
+    from sftlab.report.html import load_run, render_report
+
+    inputs = shared_data / "ifeval" / "input_data.jsonl"
+    out = tmp_path / "ev"
+    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--out",
+                                 str(out), "--ifeval", "--ifeval-inputs", str(inputs), "--ifeval-limit", "3",
+                                 "--ifeval-max-new-tokens", "6", "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    ife = m["ifeval"]
+    assert ife["model"] == ife["base"] and ife["model"]["prompts"] == 3
+    assert all(ife["deltas"][k]["delta"] == 0 and ife["deltas"][k]["ci95"] == [0, 0]
+               for k in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"))
+    rows = [json.loads(x) for x in open(out / "examples.jsonl")]
+    mine = [x for x in rows if x["kind"] == "ifeval" and x["model"] == "model"]
+    prompts = load_prompts(inputs, limit=3, seed=0)
+    assert [x["prompt"] for x in mine] == [p.prompt for p in prompts]
+    rescored = score(prompts, [x["response"] for x in mine])
+    assert {k: rescored[k] for k in ("prompt_strict", "instruction_loose")} == \
+        {k: ife["model"][k] for k in ("prompt_strict", "instruction_loose")}
+    page = render_report([load_run(out)])
+    assert "Instruction following (IFEval)" in page and "prompt-level, strict" in page

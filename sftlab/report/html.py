@@ -25,7 +25,7 @@ from .. import layout
 from ..io import progress, read_jsonl
 from . import plots
 
-SECTIONS = ("overview", "audit", "loss", "tasks", "forgetting", "tradeoff", "generations")
+SECTIONS = ("overview", "audit", "loss", "tasks", "ifeval", "forgetting", "tradeoff", "generations")
 MAX_TEXT = 2000  # characters of a prompt or generation shown
 
 CSS = """
@@ -275,6 +275,31 @@ def section_forgetting(runs: list[Run]) -> str:
     return note + _table(["run", "probe", "metric", "base", "model", "Δ [95% CI]", "n"], rows, num_cols={3, 4, 5, 6})
 
 
+def section_ifeval(runs: list[Run]) -> str:
+    """IFEval: the four figures, model vs base with Δ and CI, and instruction-level accuracy per instruction id."""
+    rows, parts = [], []
+    for r in runs:
+        ife = (r.eval or {}).get("ifeval")
+        if not ife:
+            continue
+        base, deltas = ife.get("base"), ife.get("deltas") or {}
+        for key in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
+            rows.append([escape(r.name), escape(key.replace("_", "-level, ", 1)), _num(base and base[key], pct=True),
+                         _num(ife["model"][key], pct=True), _delta(deltas.get(key), pct=True),
+                         _num(ife["model"]["prompts"])])
+        by_id = {i: {"model": 100 * v["strict"], "base": 100 * base["by_instruction"][i]["strict"] if base else None,
+                     "seen": None} for i, v in ife["model"]["by_instruction"].items()}
+        parts.append(_img(plots.task_bars(by_id, "strict", "instructions followed (strict, %)"),
+                          f"{r.name}: IFEval per instruction type"))
+    if not rows:
+        return _na("No IFEval results (sftlab eval --ifeval).")
+    note = ("<p class='muted'>Share of prompts whose every instruction is followed (prompt-level) and of all "
+            "instructions followed (instruction-level); loose also accepts the reply without its first/last line or "
+            "markdown asterisks. Δ = model − base, paired-bootstrap 95 % CI, in points.</p>")
+    return note + _table(["run", "figure", "base %", "model %", "Δ [95% CI]", "prompts"], rows,
+                         num_cols={2, 3, 4, 5}) + "".join(parts)
+
+
 def tradeoff_point(run: Run) -> dict | None:
     """Task gain (−Δ macro NLL on seen tasks, else all) and forgetting (Δ gold NLL of the first QA probe,
     else Δ NLL/token of the first text file)."""
@@ -322,12 +347,14 @@ def section_generations(runs: list[Run], n: int) -> str:
 
 
 TITLES = {"overview": "Runs", "audit": "Knowledge audit", "loss": "Loss curves", "tasks": "Per-task results",
+          "ifeval": "Instruction following (IFEval)",
           "forgetting": "Forgetting", "tradeoff": "Mitigation trade-off", "generations": "Generations side by side"}
 
 
 def render_report(runs: list[Run], generations: int = 5, on_section=None) -> str:
     builders = {"overview": lambda: section_overview(runs), "audit": lambda: section_audit(runs),
                 "loss": lambda: section_loss(runs), "tasks": lambda: section_tasks(runs),
+                "ifeval": lambda: section_ifeval(runs),
                 "forgetting": lambda: section_forgetting(runs), "tradeoff": lambda: section_tradeoff(runs),
                 "generations": lambda: section_generations(runs, generations)}
     body = []
