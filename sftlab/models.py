@@ -123,6 +123,16 @@ def resolve_attention(name: str | None, device_type: str, training: bool) -> str
     return "segments" if training and device_type == "cpu" else "sdpa"
 
 
+def warn_remote_code(path: Path) -> list[Path]:
+    """`model.trust_remote_code`: say which code files of the model directory transformers may run."""
+    import warnings
+
+    code = sorted(path.glob("*.py"))
+    warnings.warn(f"model.trust_remote_code is on: transformers may execute code from {path}"
+                  + (f" ({', '.join(p.name for p in code)})" if code else " (no .py files there now)"), stacklevel=3)
+    return code
+
+
 def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation: str | None = None,
                trust_remote_code: bool = False):
     """Load a causal LM for training or evaluation; a peft adapter directory loads onto its base."""
@@ -132,6 +142,8 @@ def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     path = resolve_model(spec)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        warn_remote_code(path)
     attn_implementation = resolve_attention(attn_implementation, "cpu", training=False)
     if attn_implementation == "segments":
         from .attention import register
