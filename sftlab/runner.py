@@ -43,7 +43,7 @@ from rich.markup import escape
 
 from . import layout
 from .config import RunConfig, dump_config
-from .io import atomic_write
+from .io import atomic_write, output_lock
 
 STAGES = ("audit", "select", "train", "eval", "report")
 COSTLY = ("audit", "train")  # a settings change is an error unless asked for: redoing them discards work
@@ -272,6 +272,8 @@ def run_pipeline(cfg: RunConfig, console: Console | None = None, from_stage: str
     on_change: "error" stops before anything runs when a costly stage (audit, train) would have to be redone
     because its settings or inputs changed; "redo" redoes it.
     """
+    from .train.lifecycle import TrainingInterrupted
+
     console = console or Console(stderr=True)
     if on_change not in ("error", "redo"):
         raise ValueError(f"on_change must be 'error' or 'redo', got {on_change!r}")
@@ -303,40 +305,46 @@ def run_pipeline(cfg: RunConfig, console: Console | None = None, from_stage: str
                          "--redo-changed to redo whatever changed, or use another output_dir")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "config.yaml") as f:
-        f.write(dump_config(cfg))
-    t0 = time.perf_counter()
-    for i, st in enumerate(stages, start=1):
-        action, why = actions[st.name]
-        console.rule(f"[bold]{i}/{len(stages)} {st.name}[/]" + (f" [dim]({escape(why)})[/]" if why else ""))
-        if action == "skip":
-            done = escape(stage_summary(st.name, log["stages"][st.name]["result"]))
-            console.print(f"[dim]complete, skipped: {done}[/]", highlight=False)
-            continue
-        if action == "redo":
-            for p in st.work:
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-        entry = {"status": "running", "settings": st.settings,
-                 "needs": {n: log["stages"][n]["id"] for n in st.needs}, "started": _now()}
-        log["stages"][st.name] = entry
-        write_log(run_dir, log)
-        t = time.perf_counter()
-        result = st.run()
-        entry.update(status="complete", id=uuid.uuid4().hex[:12], finished=_now(),
-                     wall_s=round(time.perf_counter() - t, 3), result=result)
-        write_log(run_dir, log)
-    if summary:
-        console.rule()
-        console.print(f"[green]done[/] {escape(run_summary_line(log, [s.name for s in stages]))} "
-                      f"(this call {(time.perf_counter() - t0) / 60:.1f} min) -> {escape(str(run_dir))}",
-                      highlight=False, soft_wrap=True)
-    return log
+    with output_lock(run_dir):  # one `sftlab run` per run directory
+        with atomic_write(run_dir / "config.yaml") as f:
+            f.write(dump_config(cfg))
+        t0 = time.perf_counter()
+        for i, st in enumerate(stages, start=1):
+            action, why = actions[st.name]
+            console.rule(f"[bold]{i}/{len(stages)} {st.name}[/]" + (f" [dim]({escape(why)})[/]" if why else ""))
+            if action == "skip":
+                done = escape(stage_summary(st.name, log["stages"][st.name]["result"]))
+                console.print(f"[dim]complete, skipped: {done}[/]", highlight=False)
+                continue
+            if action == "redo":
+                for p in st.work:
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink(missing_ok=True)
+            entry = {"status": "running", "settings": st.settings,
+                     "needs": {n: log["stages"][n]["id"] for n in st.needs}, "started": _now()}
+            log["stages"][st.name] = entry
+            write_log(run_dir, log)
+            t = time.perf_counter()
+            try:
+                result = st.run()
+            except TrainingInterrupted as e:  # the stage log says where it stopped; re-running resumes
+                entry.update(status="interrupted", signal=e.signal_name, step=e.step, finished=_now())
+                write_log(run_dir, log)
+                raise
+            entry.update(status="complete", id=uuid.uuid4().hex[:12], finished=_now(),
+                         wall_s=round(time.perf_counter() - t, 3), result=result)
+            write_log(run_dir, log)
+        if summary:
+            console.rule()
+            console.print(f"[green]done[/] {escape(run_summary_line(log, [s.name for s in stages]))} "
+                          f"(this call {(time.perf_counter() - t0) / 60:.1f} min) -> {escape(str(run_dir))}",
+                          highlight=False, soft_wrap=True)
+        return log
 
 
-# ---- summaries ------------------------------------------------------------------------------------------------------
+    # ---- summaries ------------------------------------------------------------------------------------------------------
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 

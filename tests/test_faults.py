@@ -204,3 +204,41 @@ def test_second_writer_is_refused_and_a_finished_run_is_not_trained_again(setup)
     # --no-resume starts over: a fresh log and the same result
     assert "resuming" not in train_to_end(run, common, "--no-resume")
     assert_same_run(run, ref_w, ref_steps)
+
+
+def test_run_is_one_writer_per_directory_and_logs_an_interruption(setup, tmp_path):
+    """`sftlab run` holds its run directory; SIGTERM during its train stage is recorded in run.json, and running
+    it again resumes and completes."""
+    import threading
+
+    from sftlab.config import load_config
+    from sftlab.io import DirectoryBusy, output_lock
+    from sftlab.runner import read_log, run_pipeline
+    from sftlab.train.lifecycle import TrainingInterrupted
+
+    root, common, ref_w, ref_steps = setup
+    run = tmp_path / "run"
+    with output_lock(run):
+        with pytest.raises(DirectoryBusy, match=rf"another sftlab process \(pid {os.getpid()} on "):
+            with output_lock(run):
+                pass
+    cfg = load_config(None, [f"output_dir={run}", *common, "audit.enabled=false", "report=false"])
+
+    def term_after_first_step():
+        while not (run / "train" / "metrics.jsonl").exists() or not metrics_steps(run / "train"):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference run's subprocess (OMP_NUM_THREADS=1): the same float sums
+    try:
+        threading.Thread(target=term_after_first_step, daemon=True).start()
+        with pytest.raises(TrainingInterrupted):
+            run_pipeline(cfg)
+        entry = read_log(run)["stages"]["train"]
+        assert entry["status"] == "interrupted" and entry["signal"] == "SIGTERM" and 0 < entry["step"] < STEPS
+        run_pipeline(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert read_log(run)["stages"]["train"]["status"] == "complete"
+    assert_same_run(run / "train", ref_w, ref_steps)
