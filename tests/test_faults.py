@@ -242,3 +242,33 @@ def test_run_is_one_writer_per_directory_and_logs_an_interruption(setup, tmp_pat
         torch.set_num_threads(threads)
     assert read_log(run)["stages"]["train"]["status"] == "complete"
     assert_same_run(run / "train", ref_w, ref_steps)
+
+
+def test_eval_and_audit_hold_their_directory_and_a_finished_eval_is_not_run_again(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from sftlab.cli import app
+    from sftlab.io import output_lock
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(tiny_model_dir), "--general", str(qa), "--out", str(out), "--bootstrap", "20",
+            "--qa-max-new-tokens", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    first = (out / "metrics.json").read_bytes()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0 and "already holds this evaluation" in flat(r.stderr), r.output
+    assert (out / "metrics.json").read_bytes() == first
+    r = CliRunner().invoke(app, [*args, "--qa-max-new-tokens", "3"])  # other settings: evaluated again
+    assert r.exit_code == 0 and "already holds" not in flat(r.stderr)
+    r = CliRunner().invoke(app, [*args, "--no-resume"])
+    assert r.exit_code == 0 and "already holds" not in flat(r.stderr)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    for cmd, target in ((args, out), (["audit", str(data), "--model", str(tiny_model_dir), "--out",
+                                        str(tmp_path / "au")], tmp_path / "au")):
+        with output_lock(target):
+            r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 1 and f"another sftlab process (pid {os.getpid()} on " in flat(r.stderr), r.output

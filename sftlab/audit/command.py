@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data.pipeline import DataReport, record_progress
 from ..data.split import load_clusters
 from ..data.template import resolve_template
-from ..io import progress
+from ..io import output_lock, progress
 from . import store
 from .items import collect_items
 from .scoring import Scorer, build_chunks, check_head_only, run_chunk
@@ -74,8 +74,13 @@ def run_audit(inputs: list, out_dir: str | Path, cfg: AuditConfig, data: DataCon
     `model`/`tokenizer` may be passed already loaded (tests, benchmarks); `model_path` is then only a label.
     `overwrite` discards earlier results in `out_dir` instead of resuming them. `on_chunk(k, rows)` is called
     after chunk k's rows are saved to the partial files (progress hooks; an exception there interrupts the
-    audit exactly as a kill would, after a saved chunk).
+    audit exactly as a kill would, after a saved chunk). One process writes `out_dir` at a time.
     """
+    with output_lock(Path(out_dir)):
+        return _audit(inputs, out_dir, cfg, data, model_path, overwrite, console, model, tokenizer, table, on_chunk)
+
+
+def _audit(inputs, out_dir, cfg, data, model_path, overwrite, console, model, tokenizer, table, on_chunk) -> dict:
     from ..models import load_model, load_tokenizer, resolve_model
 
     console = console or Console(stderr=True)

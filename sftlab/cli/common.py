@@ -30,6 +30,7 @@ def run_guarded(fn):
     """Turn expected user errors into one clear line and a non-zero exit."""
     from ..data.template import TemplateError
     from ..data.validate import DataError
+    from ..io import DirectoryBusy
     from ..models import ModelError
 
     from transformers.utils import logging as hf_logging
@@ -37,7 +38,7 @@ def run_guarded(fn):
     hf_logging.disable_progress_bar()  # sftlab shows its own progress; HF's per-load bars are noise here
     try:
         return fn()
-    except (DataError, TemplateError, ModelError, FileNotFoundError, ValueError) as e:
+    except (DataError, TemplateError, ModelError, DirectoryBusy, OSError, ValueError) as e:  # OSError: disk full, ...
         fail(str(e).replace("[", "\\["))
 
 

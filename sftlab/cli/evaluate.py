@@ -58,12 +58,14 @@ def select_cmd(
 def eval_cmd(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", help="Output dir: metrics.json, examples.jsonl")],
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="An evaluation already complete in --out with the same settings is not run again")] = True,
     cfg: EvalConfig = None, model_cfg: ModelConfig = None, data_opts: DataConfig = None,
 ):
-    """Task metrics, general-knowledge probe, perplexity; base vs model deltas; writes DIR/metrics.json."""
+    """Task metrics, general-knowledge probe, perplexity, IFEval; base vs model deltas; writes DIR/metrics.json."""
     from ..evaluate.evaluate import evaluate
 
-    run_guarded(lambda: evaluate(cfg, model, out, data_opts, base=cfg.base, dtype=model_cfg.dtype, console=console))
+    run_guarded(lambda: evaluate(cfg, model, out, data_opts, base=cfg.base, dtype=model_cfg.dtype, console=console,
+                                 resume=resume))
 
 
 @app.command("report")

@@ -11,7 +11,7 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
 `DIR/metrics.json` (schema_version 1; every metric is a float or null where it does not apply):
 
     {
-      "schema_version": 1, "created": ISO time, "wall_s": float,
+      "schema_version": 1, "settings_sha256": str, "created": ISO time, "wall_s": float,
       "model": str, "base": str | null, "template": str,
       "options": {limit, general_limit, seed, bootstrap, max_new_tokens, qa_max_new_tokens, qa_prompt, few_shot,
                   max_labels, text_window, batch_size, forward_batch_tokens, max_length},
@@ -36,17 +36,19 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
                           "base_k_shot": {"tasks", "macro"}, "model_zero_shot": {"tasks", "macro"},
                           "delta": {"tasks", "macro"}},     # model zero-shot minus base k-shot
       "generations": [{"kind": "task" | "qa", "task", "where", "prompt", "reference",
-                       "model", "base" | null, "base_k_shot" | null}]
+                       "model", "base" | null, "base_k_shot" | null}],
+      "ifeval": null | {"model" | "base": ifeval.score.figures, "deltas": ifeval.score.compare}   # --ifeval
     }
 
-Deltas are paired bootstrap 95 % intervals over examples (`metrics.paired_bootstrap_ci`, seeded); macro
-deltas resample within each task and average over tasks; the perplexity delta is in mean NLL per token
-(`perplexity_ratio` = exp(delta)). For NLL and perplexity lower is better; for the rest higher.
+Deltas are paired bootstrap 95 % intervals over examples (`metrics.paired_bootstrap_ci`, seeded); macro deltas
+resample within each task and average over tasks; the perplexity delta is in mean NLL per token (`perplexity_ratio`
+= exp(delta)). For NLL and perplexity lower is better; for the rest higher.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import time
@@ -229,16 +231,36 @@ def scoring_options(data_opts: DataConfig) -> DataConfig:
 
 
 def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base: str | None = None,
-             dtype: str = "fp32", console: Console | None = None) -> dict:
+             dtype: str = "fp32", console: Console | None = None, resume: bool = True) -> dict:
     """Evaluate `model` (and `base`, scored on the same tokens) on `cfg`'s files read with `data_opts`, write
     `out/metrics.json` and `out/examples.jsonl`, print a summary; returns the metrics. `cfg.base` is the run's
-    setting: the caller resolves it into `base`."""
+    setting: the caller resolves it into `base`. One process writes `out` at a time; an evaluation already
+    complete in `out` with the same settings is not run again (`resume=False` runs it again)."""
+    from ..io import output_lock
+
+    console = console or Console(stderr=True)
+    settings = json.dumps([cfg.model_dump(mode="json"), str(model), str(base), dtype,
+                           data_opts.model_dump(mode="json")], sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()
+    with output_lock(Path(out)):
+        try:
+            done = json.loads((Path(out) / layout.EVAL_METRICS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            done = {}
+        if resume and done.get("settings_sha256") == digest:
+            console.print(f"[green]complete[/] {Path(out) / layout.EVAL_METRICS} already holds this evaluation "
+                          "(--no-resume runs it again)", highlight=False, soft_wrap=True)
+            return done
+        return _evaluate(cfg, model, Path(out), data_opts, base, dtype, console, digest)
+
+
+def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base: str | None, dtype: str,
+              console: Console, digest: str) -> dict:
     from ..io import atomic_write
     from ..models import load_model, load_tokenizer
 
     if not (cfg.data or cfg.general or cfg.text or cfg.ifeval):
         raise ValueError("nothing to evaluate: pass --data, --general, --text or --ifeval")
-    console = console or Console(stderr=True)
     t0 = time.perf_counter()
     data_opts = scoring_options(data_opts)
     tokenizer = load_tokenizer(model)
@@ -281,7 +303,8 @@ def evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, base
                    "model_zero_shot": generalization.summarise_tasks(zero, None),
                    "delta": generalization.task_deltas(rows["base"]["few"], zero, None, cfg.bootstrap, cfg.seed)}
     metrics = {
-        "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema_version": SCHEMA_VERSION, "settings_sha256": digest,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": None, "model": str(model), "base": str(base) if base else None, "template": tmpl.name,
         "options": {"limit": cfg.limit, "general_limit": cfg.general_limit, "seed": cfg.seed,
                     "bootstrap": cfg.bootstrap,
