@@ -14,7 +14,7 @@ from rich.console import Console
 
 from sftlab.report.html import SECTIONS, load_run, write_report
 
-EVIL = "<script>alert('x')</script>"
+EVIL = "<script>alert('x')</script><img src=x onerror=alert(1)><a href='javascript:alert(2)'>j</a>"
 
 
 def _delta(d, w=0.02):
@@ -146,6 +146,9 @@ def test_report_renders_in_chromium(report, tmp_path):
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in dom.stdout
     assert "<script" not in dom.stdout and "&lt;script&gt;" in dom.stdout
+    # data and model text never becomes markup: no element from it, no javascript: link, no inline handler
+    assert '<img src="x"' not in dom.stdout and "&lt;img src=x onerror=alert(1)&gt;" in dom.stdout
+    assert 'href="javascript:' not in dom.stdout and not re.search(r"<[^>]+\sonerror=", dom.stdout)
     # the console check has teeth: a page that throws is caught by it
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
