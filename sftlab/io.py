@@ -79,8 +79,11 @@ def output_lock(directory: Path):
     """One writer per output directory: an exclusive lock on DIR/.sftlab.lock for as long as the block runs.
 
     The lock is the OS's (flock), so it goes with the process that held it: a lock left by a killed process is
-    free again and simply taken over. The file names the holder (pid and host) for the refusal message."""
+    free again and simply taken over. The file names the holder (pid and host) for the refusal message. A
+    directory the lock created and nothing else wrote into is removed again (a command that failed at once leaves
+    no empty output directory behind)."""
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ".sftlab.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -96,3 +99,6 @@ def output_lock(directory: Path):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+        if created and [p.name for p in directory.iterdir()] == [path.name]:  # nothing was written: leave no trace
+            path.unlink(missing_ok=True)
+            directory.rmdir()
