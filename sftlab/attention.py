@@ -21,6 +21,15 @@ transformers' `AttentionInterface` (its extension point for attention functions;
 and scoring of right-padded or packed batches only (the training loop's `model.attn_implementation: auto` picks
 it on CPU).
 
+What a model adds to causal attention arrives as arguments of the attention call, per layer, and `segments`
+implements each as transformers' eager attention defines it (`explicit_attention`, scores written out, per
+segment): sliding windows (`sliding_window`: Mistral, Qwen2, Gemma-2/3, Cohere-2, gpt-oss, OLMo-3, Starcoder-2,
+...), attention-logit soft-capping (`softcap`: Gemma-2) and attention sinks (`s_aux`: gpt-oss). Blocks without
+them (or with a window at least as long as the block) take the fast kernels. What it does not implement is an
+error (`SegmentsError`), and `model.attn_implementation: auto` does not choose `segments` for configs with
+attention patterns that live only in the mask (`models.segments_unsupported`: chunked attention, bidirectional
+layers); `sftlab.modelcheck` probes the result once per training run.
+
 Numerics of the bmm kernel: scores and probabilities are rounded to the inputs' dtype (in bf16 ~1e-2 relative
 error in outputs and gradients against an fp64 reference, ~2.5x the flash kernel's, which keeps scores in fp32;
 the same as transformers' `eager` attention in bf16); in fp32 it agrees with SDPA to ~1e-6.
@@ -35,6 +44,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "segments"
+
+
+class SegmentsError(ValueError):
+    """A model asks `segments` for something it does not do (a mask, a KV cache, non-causal attention, ...)."""
 
 
 @dataclass(frozen=True)
@@ -145,38 +158,102 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
     for row in position_ids:
         starts = (row == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
-            raise ValueError("segments attention: every row must start at position 0 (right padding or packing)")
+            raise SegmentsError("segments attention: every row must start at position 0 (right padding or packing)")
         rows.append(starts + [length])
     return rows
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a model's attention adds to plain causal attention, as its attention module hands it over.
+
+    window: sliding-window attention (`sliding_window`): a query at i sees keys j with i - window < j <= i, as in
+    transformers' `sliding_window_overlay`. softcap: attention-logit soft-capping, scores -> tanh(s / c) * c
+    (Gemma-2). sinks: one learned logit per query head that joins every softmax and is then dropped (`s_aux`,
+    gpt-oss). None of them: the fast kernels of `causal_attention`."""
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def plain(self, t: int) -> bool:
+        return (self.window is None or self.window >= t) and self.softcap is None and self.sinks is None
+
+
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, dropout: float,
+                       variant: Variant) -> torch.Tensor:
+    """Causal attention of one block with the scores written out (as transformers' eager attention computes them):
+    soft-capping, a sliding window and sinks as `variant` says. [B, Hq, T, D] -> [B, Hq, T, Dv]."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if variant.softcap is not None:
+        scores = torch.tanh(scores / variant.softcap) * variant.softcap
+    t = query.shape[2]
+    i = torch.arange(t, device=query.device)
+    hidden = i[None, :] > i[:, None]  # the future
+    if variant.window is not None:
+        hidden |= i[None, :] <= i[:, None] - variant.window  # beyond the window
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if variant.sinks is not None:
+        sinks = variant.sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, t, 1)
+        scores = torch.cat([scores, sinks], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = F.dropout(probs.to(query.dtype), p=dropout, training=dropout > 0)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def _block(query, key, value, scale, dropout, variant, kernels):
+    if variant.plain(query.shape[2]):
+        return causal_attention(query, key, value, scale, dropout, kernels)
+    return explicit_attention(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale, dropout, variant)
+
+
+# attention-function arguments that change what attention computes and that `segments` does not implement
+UNSUPPORTED = ("position_bias", "indices", "block_indices")
 
 
 def segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        position_ids: torch.Tensor | None = None, kernels: Kernels = DEFAULT_KERNELS,
-                       **kwargs) -> tuple[torch.Tensor, None]:
+                       sliding_window: int | None = None, softcap: float | None = None,
+                       s_aux: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None), transformers' attention contract."""
+    name = type(module).__name__
     if attention_mask is not None:
-        raise ValueError("segments attention takes no mask (it reads position_ids); use attn_implementation sdpa")
+        raise SegmentsError("segments attention takes no mask (it reads position_ids); use attn_implementation sdpa")
     if key.shape[2] != query.shape[2]:
-        raise ValueError("segments attention is for training and scoring without a KV cache")
+        raise SegmentsError("segments attention is for training and scoring without a KV cache")
     if position_ids is None:
-        raise ValueError(f"segments attention needs position_ids, and {type(module).__name__} does not pass them to "
+        raise SegmentsError(f"segments attention needs position_ids, and {name} does not pass them to "
                          f"its attention function; set model.attn_implementation=sdpa")
     if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-        raise ValueError(f"segments attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} "
+        raise SegmentsError(f"segments attention: {query.shape[1]} query heads are not a multiple of {key.shape[1]} "
                          f"key/value heads")
+    if is_causal is False:
+        raise SegmentsError(f"segments attention is causal and {name} asks for non-causal attention; "
+                         f"set model.attn_implementation=sdpa")
+    extra = [k for k in UNSUPPORTED if kwargs.get(k) is not None]
+    if extra:
+        raise SegmentsError(f"segments attention does not implement {', '.join(extra)} (passed by {name}); "
+                         f"set model.attn_implementation=sdpa or eager")
+    variant = Variant(sliding_window, softcap, s_aux if s_aux is not None else sinks)
     p = dropout if module.training else 0.0
     bounds = None
     position_ids = position_ids.reshape(-1, position_ids.shape[-1]).expand(query.shape[0], -1)
     if bool((position_ids[:, 1:] == 0).any()):  # a packed row: several segments
         bounds = segment_bounds(position_ids)
     if bounds is None:
-        out = causal_attention(query, key, value, scaling, p, kernels)
+        out = _block(query, key, value, scaling, p, variant, kernels)
     else:
         rows = []
         for b, starts in enumerate(bounds):
-            parts = [causal_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                      scaling, p, kernels)
+            parts = [_block(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                            scaling, p, variant, kernels)
                      for s, e in zip(starts, starts[1:])]
             rows.append(torch.cat(parts, dim=2))
         out = torch.cat(rows, dim=0)

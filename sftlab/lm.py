@@ -11,7 +11,8 @@ gradient checkpointing, `response_nll` adds per-example sums and pooled hidden s
 
 The split works for any HF causal LM whose head is a plain projection, and for a peft-wrapped one: LoRA
 layers live inside the body's modules, so calling the body of the unwrapped base model keeps them active.
-Models whose logits are more than that (soft-capping, scaling) are scored with their own full forward.
+Models whose logits are more than that (soft-capping, scaling: `Logits`) get it applied inside each chunk;
+`split_matches_logits` checks once per model that body + head give the model's own logits.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: GEN_MARGIN's importers 
     from torch import nn
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-# configs whose CausalLM head does more than a projection (softcapping, scaling), which the split would skip
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 GEN_MARGIN = 16  # greedy answers scored against a reference may run this many tokens past its length
 
 
@@ -38,29 +37,38 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def output_head(model: nn.Module) -> nn.Module:
-    """The LM head (output projection) of an HF causal LM, peft-wrapped or not."""
-    head = base_model(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (not a causal LM?)")
-    return head
+def output_head(model: nn.Module, without_adapter: bool = False) -> nn.Module:
+    """The LM head of an HF causal LM (peft-wrapped or not) with the model's logit post-processing
+    (`sftlab.head`): hidden states in, the model's own logits out. without_adapter: a head with a LoRA adapter of
+    its own gives its base layer (the base model's logits, also on backward's recompute)."""
+    from .head import logit_postprocessing, with_postprocessing
+
+    base = base_model(model)
+    proj = base.get_output_embeddings()
+    if proj is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (not a causal LM?)")
+    if without_adapter:
+        proj = getattr(proj, "base_layer", proj)
+    return with_postprocessing(proj, logit_postprocessing(base))
 
 
-def logit_postprocessing(model: nn.Module) -> str | None:
-    """`name=value` of the config setting by which the model's logits are more than its head's output, if any."""
-    cfg = getattr(base_model(model), "config", None)
-    for name in LOGIT_POSTPROCESSING:
-        value = getattr(cfg, name, None) if cfg is not None else None
-        if value not in (None, 1, 1.0):
-            return f"{name}={value}"
-    return None
+def decoder_body(model: nn.Module) -> nn.Module | None:
+    """The decoder body (the transformer up to its final norm) of an HF causal LM: `get_decoder()`, or its
+    `model` attribute where `get_decoder` cannot tell (Llama-4's text model); None if there is none."""
+    from torch import nn
+
+    base = base_model(model)
+    body = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if body is None or body is base:
+        body = getattr(base, "model", None)
+    return body if isinstance(body, nn.Module) and body is not base else None
 
 
 def splits_into_body_and_head(model: nn.Module) -> bool:
-    """Whether body + head reproduce the model's logits by construction (a decoder body and a plain head)."""
+    """Whether the model has a decoder body and an output head to split into (`modelcheck` checks that body +
+    head give the model's own logits)."""
     base = base_model(model)
-    return (logit_postprocessing(model) is None and base.get_output_embeddings() is not None
-            and hasattr(base, "get_decoder") and base.get_decoder() is not base)
+    return base.get_output_embeddings() is not None and decoder_body(base) is not None
 
 
 def model_inputs(model: nn.Module, batch: dict) -> dict:
@@ -75,14 +83,9 @@ def model_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
     Passes only input_ids / attention_mask / position_ids (moved to the model's device) and `use_cache=False`:
     with a cache, transformers skips packed-sequence detection and packed examples would attend to each other.
     """
-    base = base_model(model)
-    post = logit_postprocessing(model)
-    if post is not None:
-        raise NotImplementedError(f"{type(base).__name__} post-processes its logits ({post}); "
-                                  f"the chunked loss would skip that")
-    body = base.get_decoder()
-    if body is base:
-        raise ValueError(f"cannot find the decoder body of {type(base).__name__}")
+    body = decoder_body(model)
+    if body is None:
+        raise ValueError(f"cannot find the decoder body of {type(base_model(model)).__name__}")
     return body(**model_inputs(model, batch), use_cache=False).last_hidden_state
 
 

@@ -114,13 +114,36 @@ def load_tokenizer(spec: str | os.PathLike):
     return tok
 
 
-def resolve_attention(name: str | None, device_type: str, training: bool) -> str | None:
+def segments_unsupported(config) -> list[str]:
+    """The attention features of a model config that `segments` does not implement (it does sliding windows,
+    soft-capping and sinks): `auto` does not choose it for such a model, and choosing it is an error."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = []
+    if getattr(cfg, "attention_chunk_size", None):
+        found.append(f"chunked attention (attention_chunk_size={cfg.attention_chunk_size})")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        found.append("bidirectional attention (use_bidirectional_attention)")
+    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention", "linear_attention",
+                                                            "mamba", "conv", "attention"}
+    found += [f"layer type {kind!r}" for kind in sorted(kinds)]
+    return found
+
+
+def resolve_attention(name: str | None, device_type: str, training: bool, config=None) -> str | None:
     """`model.attn_implementation`, with `auto` resolved (the one place it is): training on CPU uses `segments`
-    (causal attention per example, sftlab/attention.py: no mask, Σnᵢ² work for packed rows; docs/benchmarks.md),
-    everything else transformers' `sdpa` (generation and left-padded scoring need a mask)."""
+    (causal attention per example, sftlab/attention.py: no mask, Σnᵢ² work for packed rows; docs/benchmarks.md)
+    unless the model's config has an attention feature it does not implement; everything else transformers'
+    default (`sdpa` where the model supports it, else `eager`: generation and left-padded scoring need a mask).
+    None: transformers' default."""
+    if name == "segments" and config is not None and segments_unsupported(config):
+        raise ValueError(f"model.attn_implementation=segments: {type(config).__name__} has "
+                         f"{', '.join(segments_unsupported(config))}, which segments does not implement; "
+                         f"use auto, sdpa or eager")
     if name != "auto":
         return name
-    return "segments" if training and device_type == "cpu" else "sdpa"
+    if training and device_type == "cpu" and not (config is not None and segments_unsupported(config)):
+        return "segments"
+    return None
 
 
 def warn_remote_code(path: Path) -> list[Path]:
@@ -131,6 +154,16 @@ def warn_remote_code(path: Path) -> list[Path]:
     warnings.warn(f"model.trust_remote_code is on: transformers may execute code from {path}"
                   + (f" ({', '.join(p.name for p in code)})" if code else " (no .py files there now)"), stacklevel=3)
     return code
+
+
+def model_config(spec: str | os.PathLike, trust_remote_code: bool = False):
+    """The transformers config of a model (of its base, for a peft adapter directory)."""
+    from transformers import AutoConfig
+
+    path = resolve_model(spec)
+    if (path / "adapter_config.json").is_file():
+        path = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation: str | None = None,
@@ -144,7 +177,8 @@ def load_model(spec: str | os.PathLike, dtype: str = "fp32", attn_implementation
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if trust_remote_code:
         warn_remote_code(path)
-    attn_implementation = resolve_attention(attn_implementation, "cpu", training=False)
+    if attn_implementation == "auto":
+        attn_implementation = resolve_attention("auto", "cpu", training=False)
     if attn_implementation == "segments":
         from .attention import register
 

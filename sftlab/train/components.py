@@ -1,10 +1,35 @@
-"""The parts the recipe's setup builds around the model: the LoRA adapter and the learning-rate schedule."""
+"""The parts the recipe's setup builds around the model: the checked model, the LoRA adapter and the
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 from ..config import RunConfig
+from ..modelcheck import ModelCheckError, check_training_path
+from ..models import load_model, model_config, resolve_attention
+
+
+def load_training_model(cfg: RunConfig, device_type: str):
+    """The model with the attention `model.attn_implementation` resolves to, checked once against its own eager
+    forward (`modelcheck.check_training_path`). Under `auto`, a model that `segments` does not reproduce falls back
+    to transformers' default attention (with a warning); a choice the user made is an error instead."""
+    m = cfg.model
+    attn = resolve_attention(m.attn_implementation, device_type, training=True,
+                             config=model_config(m.path, m.trust_remote_code))
+    model = load_model(m.path, m.dtype, attn, m.trust_remote_code)
+    packed = cfg.train.batching == "packed"
+    try:
+        check_training_path(model, packed)
+    except ModelCheckError as e:
+        if not (m.attn_implementation == "auto" and attn == "segments"):
+            raise
+        fallback = "sdpa" if model._supports_sdpa else "eager"
+        warnings.warn(f"{e}; model.attn_implementation=auto uses {fallback} instead", stacklevel=2)
+        model.set_attn_implementation(fallback)
+        check_training_path(model, packed)
+    return model
 
 
 def apply_lora(model, cfg: RunConfig):

@@ -42,9 +42,9 @@ from ..data.pipeline import DataReport, iter_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
-from ..models import load_model, load_tokenizer, resolve_attention
+from ..models import load_tokenizer
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
-from .components import apply_lora, lr_lambda
+from .components import apply_lora, load_training_model, lr_lambda
 from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
 from .loss import sft_loss_sum
 from .objective import LossFn, SFTLossModule
@@ -192,8 +192,7 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     world = accelerator.num_processes
     stream = MicroBatchStream(train_ex, cfg, t.grad_accum * world, world, replay_ex, planner)
 
-    model = load_model(cfg.model.path, cfg.model.dtype, resolve_attention(cfg.model.attn_implementation, accelerator.device.type, training=True),
-                       cfg.model.trust_remote_code)
+    model = load_training_model(cfg, accelerator.device.type)
     model.config.use_cache = False
     base_copy = frozen_copy(model) if needs_base_copy(cfg) else None  # LoRA disables its adapter instead
     if cfg.lora.enabled:

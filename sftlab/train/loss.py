@@ -123,9 +123,7 @@ def base_hidden_states(model: nn.Module, batch: dict, base_model: nn.Module | No
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        head = output_head(model)
-        # a head with its own adapter: its base layer alone gives the base logits (also on backward's recompute)
-        return hidden, getattr(head, "base_layer", head)
+        return hidden, output_head(model, without_adapter=True)
 
 
 def sft_kl_loss_sum(model: nn.Module, batch: dict, base_model: nn.Module | None = None,

@@ -32,7 +32,8 @@ def weight_change(model, base_path: str, lora: bool) -> dict:
         for name, mod in model.named_modules():
             if hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and "default" in getattr(mod, "lora_A", {}):
                 d = mod.get_delta_weight("default").detach().float()
-                w = mod.base_layer.weight.detach().float()
+                # a wrapped parameter (peft's ParamWrapper, e.g. fused MoE experts) or a wrapped layer
+                w = (mod.get_param() if hasattr(mod, "get_param") else mod.base_layer.weight).detach().float()
                 g = module_group(name)
                 sq_d[g] = sq_d.get(g, 0.0) + float(d.pow(2).sum())
                 sq_0[g] = sq_0.get(g, 0.0) + float(w.pow(2).sum())
