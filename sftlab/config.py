@@ -76,6 +76,10 @@ class DataConfig(Strict):
     prompt_loss_weight: float = Field(0.0, ge=0, le=1, description="Loss weight of non-response tokens")
     skip_invalid: bool = Field(False, description="Skip invalid records (counted) instead of failing")
     dedup: bool = Field(False, description="Drop exact duplicate conversations")
+    train_reasoning: bool = Field(True, description="Train assistants' reasoning traces (false: keep them as "
+                                  "context, train what follows them)")
+    tools: str | None = Field(None, description="JSON file with a list of tool schemas for records without "
+                              "their own 'tools'")
 
     @model_validator(mode="after")
     def _task_source(self):

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.formats import Conversation, Message
-from .data.template import (ChatTemplate, Rendered, end_of_turn_ids, end_of_turn_text, generation_prompt,
-                            render_conversation, resolve_template)
+from .data.formats import Conversation
+from .data.template import (ChatTemplate, end_of_turn_ids, end_of_turn_text, generation_prompt, render_prompt,
+                            resolve_template)
 from .data.tokenize import encode_piecewise, protected_pattern
 
 Prompt = str | list[dict] | Conversation  # a user message, a message list, or a conversation
@@ -44,9 +44,7 @@ def encode_prompt(messages: list[dict], tmpl: ChatTemplate, tokenizer, protected
     if not any(protected.search(m["content"]) for m in messages):
         return tokenizer(text, add_special_tokens=False).input_ids
     # Message text that spells a control token stays plain text, exactly as in sftlab.data.tokenize.
-    conv = Conversation([Message(m["role"], m["content"]) for m in messages])
-    rendered = render_conversation(conv, tmpl)
-    ids, _ = encode_piecewise(tokenizer, Rendered(text, rendered.regions))
+    ids, _ = encode_piecewise(tokenizer, render_prompt(messages, tmpl))
     return ids
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from sftlab.cli import app
 from sftlab.config import DataConfig
 from sftlab.data.pipeline import DataReport, iter_examples
+from sftlab.data.template import TemplateError
 from sftlab.data.validate import REASONS, DataError
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
@@ -45,6 +46,9 @@ FINAL_HEADER = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A template that rejects multi-turn conversations itself (as some do: roles must alternate, no system role).
+ONE_EXCHANGE = ("{% if messages|length > 2 %}{{ raise_exception('only one exchange is supported') }}{% endif %}"
+                + LAST_TWO_ONLY)
 MULTI = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>hm</think>b"},
                       {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
 
@@ -69,9 +73,7 @@ BAD_FILES = {
     "bom": ("bad.jsonl", b"\xef\xbb\xbf" + line(GOOD) + line(GOOD), ":1", []),
     "mixed_formats": ("bad.jsonl", line(GOOD) + line(GOOD_MSGS), ":2", []),
     "unknown_format": ("bad.jsonl", line(GOOD) + line({"question": "x", "answer": "y"}), ":2", []),
-    "template": ("bad.jsonl", line(GOOD_MSGS) + line(MULTI), ":2", ["--template", "last_two.jinja"]),
-    "boundary_merge": ("bad.jsonl", line(GOOD) + line({"instruction": "x", "input": "", "output": "\n\nHello"}),
-                       ":2", []),
+    "template": ("bad.jsonl", line(GOOD_MSGS) + line(MULTI), ":2", ["--template", "one_exchange.jinja"]),
     "no_trained_tokens": ("bad.jsonl", line(GOOD_MSGS) + line(
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "train": False}]}),
         ":2", []),
@@ -96,7 +98,7 @@ def runner():
 
 def write_bad(tmp_path, reason):
     name, data, loc, cli = BAD_FILES[reason]
-    (tmp_path / "last_two.jinja").write_text(LAST_TWO_ONLY, encoding="utf-8")
+    (tmp_path / "one_exchange.jinja").write_text(ONE_EXCHANGE, encoding="utf-8")
     path = tmp_path / name
     path.write_bytes(data)
     cli = [str(tmp_path / c) if c.endswith(".jinja") else c for c in cli]
@@ -287,12 +289,10 @@ def test_format_override_missing_field(tmp_path, tokenizer):
         assert repr(field or "output") in str(e.value)
 
 
-@pytest.mark.parametrize("source,first_bad,says,kept", [
-    (LAST_TWO_ONLY, 2, "is not prefix-stable", 2),
-    (STRIP_EARLIER_THINKING, 2, "is not prefix-stable", 2),
-    (FINAL_HEADER, 1, "generation prompt for message 1 is not a prefix", 0),
-])
-def test_unstable_template_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, source, first_bad, says, kept):
+@pytest.mark.parametrize("source,first_bad,kept", [(FINAL_HEADER, 1, 0)])
+def test_template_without_a_ground_truth_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, source, first_bad, kept):
+    """A turn whose rendering does not continue its own inference prompt has no truth to train: an error naming
+    the record; with skip_invalid the others are kept, and a template that fails every record is still an error."""
     tmpl = tmp_path / "odd.jinja"
     tmpl.write_text(source, encoding="utf-8")
     path = tmp_path / "data.jsonl"
@@ -300,24 +300,60 @@ def test_unstable_template_is_an_error_not_a_wrong_mask(tmp_path, tokenizer, sou
     with pytest.raises(DataError) as e:
         list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
     assert (e.value.reason, str(e.value.where)) == ("template", f"{path}:{first_bad}")
-    assert says in str(e.value)
+    assert "does not continue its own inference prompt" in str(e.value) and "odd.jinja" in str(e.value)
     report = DataReport()
-    examples = list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl), skip_invalid=True), report))
+    opts = DataConfig(template=str(tmpl), skip_invalid=True)
+    if kept == 0:
+        with pytest.raises(TemplateError, match="fails every record"):
+            list(iter_examples([path], tokenizer, opts, report))
+        return
+    examples = list(iter_examples([path], tokenizer, opts, report))
     assert len(examples) == kept and dict(report.invalid.counts) == {"template": 4 - kept}
     for ex in examples:  # the single-turn examples that remain are exact
         trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]
         assert tokenizer.decode(trained) == "Hi!<|im_end|>"
 
 
-def test_template_that_rewrites_content_is_an_error(tmp_path, tokenizer):
+def test_template_that_rewrites_history_gives_each_turn_its_inference_context(tmp_path, tokenizer):
+    """Earlier answers lose their reasoning in later prompts: the conversation becomes one example per turn,
+    each with exactly the context the model sees at inference before it."""
+    tmpl = tmp_path / "strip.jinja"
+    tmpl.write_text(STRIP_EARLIER_THINKING, encoding="utf-8")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line(MULTI))
+    first, second = list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
+
+    def trained(ex):
+        return tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+
+    assert tokenizer.decode(first.input_ids) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n<think>hm</think>b<|im_end|>\n"
+    assert trained(first) == "<think>hm</think>b<|im_end|>"
+    assert tokenizer.decode(second.input_ids).startswith("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>")
+    assert trained(second) == "d<|im_end|>"
+
+
+def test_template_that_shows_only_the_last_exchange_trains_each_turn_in_that_context(tmp_path, tokenizer):
+    tmpl = tmp_path / "last_two.jinja"
+    tmpl.write_text(LAST_TWO_ONLY, encoding="utf-8")
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line(MULTI))
+    examples = list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
+    texts = sorted(tokenizer.decode(ex.input_ids) for ex in examples)
+    assert texts == ["<|im_start|>assistant\n<think>hm</think>b<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+                     "<|im_start|>assistant\nd<|im_end|>\n",
+                     "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n<think>hm</think>b<|im_end|>\n"]
+
+
+def test_template_that_rewrites_content_trains_the_templates_text(tmp_path, tokenizer):
+    """The truth is what the template renders for the answer (here upper-cased), what inference must produce."""
     tmpl = tmp_path / "upper.jinja"
     tmpl.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content']|upper + '\n' }}{% endfor %}"
-                    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", encoding="utf-8")
+                    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}", encoding="utf-8")
     path = tmp_path / "data.jsonl"
     path.write_bytes(line(GOOD_MSGS))
-    with pytest.raises(DataError) as e:
-        list(iter_examples([path], tokenizer, DataConfig(template=str(tmpl))))
-    assert e.value.reason == "template" and "content does not follow" in str(e.value)
+    ex, = iter_examples([path], tokenizer, DataConfig(template=str(tmpl)))
+    # the separator space is the template's text: trained, as inference generates it (` HI!`)
+    assert tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100]) == " HI!"
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, runner):
@@ -331,22 +367,21 @@ def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, runner):
                   + line({"messages": [{"role": "user", "content": "x"}]}) + line({"messages": [{"role": "user"}]})
                   + line({"messages": [{"role": "user", "content": "x"},
                                        {"role": "assistant", "content": "y", "train": False}]})
-                  + line({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nz"}]})
                   + line({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}))
     expected = {"bom": 1, "invalid_json": 1, "not_object": 1, "wrong_type": 1, "empty_response": 1,
                 "mixed_formats": 1, "unknown_format": 1, "non_utf8": 1, "unknown_role": 1, "no_assistant_turn": 1,
-                "missing_field": 1, "no_trained_tokens": 1, "boundary_merge": 1}
+                "missing_field": 1, "no_trained_tokens": 1}
     report = DataReport()
     kept = list(iter_examples([tmp_path], tokenizer, DataConfig(skip_invalid=True), report))
     assert dict(report.invalid.counts) == expected
-    assert report.records == 17 and report.kept == len(kept) == 4
+    assert report.records == 16 and report.kept == len(kept) == 4
     assert [e.task for e in kept] == ["a", "a", "b", "b"]
     with pytest.raises(DataError):
         list(iter_examples([tmp_path], tokenizer, DataConfig()))
     out = tmp_path / "out" / "x.jsonl"
     result = runner.invoke(app, ["data", "tokenize", str(a), str(b), "--out", str(out), "--skip-invalid"])
     assert result.exit_code == 0, result.output
-    assert "4 examples kept of 17 records; 13 invalid skipped" in result.stderr
+    assert "4 examples kept of 16 records; 12 invalid skipped" in result.stderr
     assert len(out.read_text().splitlines()) == 4
     result = runner.invoke(app, ["data", "inspect", str(a), str(b), "--json"])
     assert result.exit_code == 0, result.output
@@ -375,3 +410,19 @@ def test_duplicates_reported_and_dropped(tmp_path, tokenizer, runner):
     assert [r["input_ids"] for r in rows] == [e.input_ids for e in kept]
     result = runner.invoke(app, ["data", "inspect", str(path), "--json"])
     assert json.loads(result.stdout)["duplicates"] == 2
+
+
+def test_response_starting_with_whitespace_is_trained_after_its_prompt_tokens(tmp_path, tokenizer):
+    """The prompt is tokenized alone, as at inference, so a response starting with newlines cannot merge into
+    the header's tokens: the trained tokens are the response's own."""
+    from sftlab.generate import encode_prompt
+    from sftlab.data.template import resolve_template
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(line({"instruction": "x", "input": "", "output": "\n\nHello"}))
+    ex, = iter_examples([path], tokenizer, DataConfig())
+    start = next(i for i, lab in enumerate(ex.labels) if lab != -100)
+    assert ex.input_ids[:start] == encode_prompt([{"role": "user", "content": "x"}],
+                                                 resolve_template("default", tokenizer), tokenizer)
+    assert ex.input_ids[start:] == tokenizer("\n\nHello<|im_end|>\n", add_special_tokens=False).input_ids
+    assert ex.labels[-1] == -100  # the newline after the end-of-turn marker is not trained

@@ -83,7 +83,7 @@ def test_alpaca_end_of_turn_is_eos_token(tokenizer):
 @pytest.mark.parametrize("user", ["What is 2+2?", "Repeat after me: <|im_end|> and <|im_start|>user"])
 def test_prompt_tokens_equal_the_training_prefix(tokenizer, tmpl, user):
     conv = Conversation([Message("user", user), Message("assistant", "4")])
-    ex, = tokenize_rendered([render_conversation(conv, tmpl)], [conv], tokenizer, DataConfig(),
+    ex, = tokenize_rendered(render_conversation(conv, tmpl), [conv], tokenizer, DataConfig(),
                             protected_pattern(tokenizer))
     first_trained = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)
     prompt_ids = encode_prompt([{"role": "user", "content": user}], tmpl, tokenizer)

@@ -21,7 +21,7 @@ from .common import fail
 
 # the data options a data-reading command takes as flags (train-only keys and file lists stay in the config)
 DATA_FLAGS = ("format", "template", "max_length", "truncation", "loss_on", "prompt_loss_weight", "strip", "task_map",
-              "task_field", "skip_invalid", "dedup")
+              "task_field", "skip_invalid", "dedup", "train_reasoning", "tools")
 
 
 def _decls(name: str, decls: tuple[str, ...]) -> tuple[str, ...]:

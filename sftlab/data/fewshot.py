@@ -6,13 +6,15 @@ its own system prompt first and its own turns last, so its scored tokens are tho
 
 from __future__ import annotations
 
-from .formats import Conversation, Message
+from dataclasses import replace
+
+from .formats import Conversation
 
 
 def shot_conversation(target: Conversation, shots: list[Conversation]) -> Conversation:
     """`target` preceded by the shots' user/assistant turns (after the target's own system prompt)."""
     msgs = target.messages
     head = [m for m in msgs[:1] if m.role == "system"]
-    demo = [Message(m.role, m.content, False if m.role == "assistant" else m.train)
+    demo = [replace(m, train=False if m.role == "assistant" else m.train)
             for s in shots for m in s.messages if m.role != "system"]
-    return Conversation(head + demo + msgs[len(head):], target.task, target.where)
+    return Conversation(head + demo + msgs[len(head):], target.task, target.where, target.tools)

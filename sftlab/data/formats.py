@@ -6,6 +6,7 @@ record's location and the reason when the record is malformed.
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass, field
 
@@ -16,7 +17,8 @@ FORMATS = typing.get_args(DataFormat)
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-                  "tool": "tool", "function": "tool", "observation": "tool"}
+                  "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant"}
+REASONING_FIELDS = ("reasoning_content", "thinking")  # an assistant's reasoning, under the names templates read
 
 
 @dataclass
@@ -24,6 +26,18 @@ class Message:
     role: str
     content: str
     train: bool | None = None  # None: the role's default (assistant trained, others not)
+    reasoning: str | None = None  # an assistant's reasoning trace given beside its content
+    tool_calls: list | None = None  # an assistant's tool calls (OpenAI form: [{"type", "function": {...}}])
+    fields: dict = field(default_factory=dict)  # other keys templates read: tool_call_id, name
+
+    def as_dict(self) -> dict:
+        """The message as chat templates receive it (reasoning under both names templates use)."""
+        d = {"role": self.role, "content": self.content, **self.fields}
+        if self.reasoning is not None:
+            d.update({name: self.reasoning for name in REASONING_FIELDS})
+        if self.tool_calls is not None:
+            d["tool_calls"] = self.tool_calls
+        return d
 
     @property
     def trained(self) -> bool:
@@ -35,15 +49,18 @@ class Conversation:
     messages: list[Message]
     task: str | None = None
     where: Location | None = field(default=None, compare=False)
+    tools: list | None = None  # JSON schemas of the tools the conversation may call (given to the template)
 
     def as_dicts(self, with_train: bool = False) -> list[dict]:
         """Messages-format dicts; `with_train` keeps a message's explicit `train` flag (written data reads back)."""
-        return [{"role": m.role, "content": m.content,
-                 **({"train": m.train} if with_train and m.train is not None else {})} for m in self.messages]
+        return [{**m.as_dict(), **({"train": m.train} if with_train and m.train is not None else {})}
+                for m in self.messages]
 
     def key(self) -> tuple:
         """Identity for exact-duplicate detection."""
-        return tuple((m.role, m.content, m.train) for m in self.messages)
+        return (tuple((m.role, m.content, m.train, m.reasoning, json.dumps(m.tool_calls, sort_keys=True),
+                       json.dumps(m.fields, sort_keys=True)) for m in self.messages),
+                json.dumps(self.tools, sort_keys=True))
 
 
 def detect_format(rec: dict) -> str | None:
@@ -79,6 +96,38 @@ def from_alpaca(rec: dict, where: Location) -> list[Message]:
     return msgs + [Message("user", user), Message("assistant", output)]
 
 
+def _content(value, where: Location, name: str) -> str:
+    """A message's text: a string, or OpenAI-style text parts [{"type": "text", "text": ...}] joined by newlines."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(where, "wrong_type", f"{name}[{j}] is a {kind or type(part).__name__!r} content part; "
+                                                     f"only text parts ({{'type': 'text', 'text': ...}}) are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise DataError(where, "wrong_type", f"{name} must be a string or a list of text parts, got {type(value).__name__}")
+
+
+def _tool_calls(value, where: Location, name: str) -> list:
+    """An assistant's tool calls, each {"type": "function", "function": {"name": str, "arguments": dict | str}};
+    a bare {"name", "arguments"} is taken as the function."""
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", {}), (dict, str)):
+            raise DataError(where, "wrong_type", f"{name}[{j}] must be a tool call with a function name and "
+                                                 f"arguments (an object or a JSON string)")
+        out.append({**(call if "function" in call else {}), "type": call.get("type", "function"),
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", {})}})
+    return out
+
+
 def _message_list(value, where: Location, name: str, role_key="role", content_key="content",
                   role_map: dict | None = None) -> list[Message]:
     if not isinstance(value, list):
@@ -87,21 +136,38 @@ def _message_list(value, where: Location, name: str, role_key="role", content_ke
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise DataError(where, "wrong_type", f"{name}[{i}] must be an object, got {type(m).__name__}")
-        for k in (role_key, content_key):
-            if k not in m:
-                raise DataError(where, "missing_field", f"{name}[{i}].{k}")
-        role, content = m[role_key], m[content_key]
+        if role_key not in m:
+            raise DataError(where, "missing_field", f"{name}[{i}].{role_key}")
+        role = m[role_key]
         if not isinstance(role, str):
             raise DataError(where, "wrong_type", f"{name}[{i}].{role_key} must be a string")
-        if not isinstance(content, str):
-            raise DataError(where, "wrong_type", f"{name}[{i}].{content_key} must be a string, got {type(content).__name__}")
         mapped = (role_map or {r: r for r in ROLES}).get(role)
         if mapped is None:
             raise DataError(where, "unknown_role", f"{name}[{i}].{role_key} = {role!r}")
+        calls = None
+        if role == "function_call":  # sharegpt: the value is the call, {"name": ..., "arguments": ...} as JSON
+            try:
+                calls = _tool_calls(json.loads(m.get(content_key) or "null"), where, f"{name}[{i}].{content_key}")
+            except json.JSONDecodeError:
+                raise DataError(where, "wrong_type", f"{name}[{i}].{content_key} must be a JSON tool call") from None
+            content = ""
+        else:
+            if m.get("tool_calls") is not None:
+                if mapped != "assistant":
+                    raise DataError(where, "wrong_type", f"{name}[{i}].tool_calls on a {mapped} message")
+                calls = _tool_calls(m["tool_calls"], where, f"{name}[{i}].tool_calls")
+            if content_key not in m and calls is None:
+                raise DataError(where, "missing_field", f"{name}[{i}].{content_key}")
+            raw = m.get(content_key)
+            content = "" if raw is None and calls is not None else _content(raw, where, f"{name}[{i}].{content_key}")
         train = m.get("train")
         if train is not None and not isinstance(train, bool):
             raise DataError(where, "wrong_type", f"{name}[{i}].train must be true or false")
-        out.append(Message(mapped, content, train))
+        reasoning = next((m[f] for f in REASONING_FIELDS if m.get(f) is not None), None)
+        if reasoning is not None and (mapped != "assistant" or not isinstance(reasoning, str)):
+            raise DataError(where, "wrong_type", f"{name}[{i}]: reasoning must be a string on an assistant message")
+        fields = {k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)}
+        out.append(Message(mapped, content, train, reasoning, calls, fields))
     return out
 
 
@@ -174,6 +240,9 @@ def to_conversation(rec, where: Location, fmt: str, task: str | None = None,
     if not any(m.role == "assistant" for m in messages):
         raise DataError(where, "no_assistant_turn")
     for i, m in enumerate(messages):
-        if m.role == "assistant" and m.trained and not m.content.strip():
+        if m.role == "assistant" and m.trained and not m.content.strip() and not m.tool_calls:
             raise DataError(where, "empty_response", f"assistant message {i} is empty")
-    return Conversation(messages, task, where)
+    tools = rec.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise DataError(where, "wrong_type", "'tools' must be a list of tool schemas (objects)")
+    return Conversation(messages, task, where, tools)

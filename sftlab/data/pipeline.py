@@ -19,8 +19,8 @@ from ..config import DataConfig
 from ..io import progress
 from .formats import Conversation, detect_format, to_conversation
 from .load import count_records, expand_paths, read_records
-from .template import ChatTemplate, TemplateError, render_conversation, resolve_template
-from .tokenize import Dropped, Example, protected_pattern, tokenize_rendered
+from .template import REASONING_CLOSE, ChatTemplate, TemplateError, render_conversation, render_turn, resolve_template
+from .tokenize import Dropped, Example, Resplit, protected_pattern, tokenize_rendered
 from .validate import DataError, InvalidLog, Location
 
 
@@ -39,6 +39,13 @@ class DataReport:
     invalid: InvalidLog = field(default_factory=InvalidLog)
     special_text: Counter = field(default_factory=Counter)  # control-token strings found in data text
     first_duplicates: list[str] = field(default_factory=list)
+    # conversations that became several examples (the template rewrites history): the extra examples, and the
+    # tokens they cost beyond the longest example of each such conversation
+    reasoning_turns: int = 0  # assistant turns with a reasoning trace (field or <think> block)
+    tool_call_turns: int = 0  # assistant turns that call tools
+    split_conversations: int = 0
+    extra_examples: int = 0
+    extra_tokens: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -48,7 +55,30 @@ class DataReport:
             "invalid": {"total": self.invalid.total, "by_reason": dict(self.invalid.counts),
                         "first": self.invalid.examples},
             "special_token_text": dict(self.special_text),
+            "reasoning_turns": self.reasoning_turns, "tool_call_turns": self.tool_call_turns,
+            "history_rewrites": {"conversations": self.split_conversations, "extra_examples": self.extra_examples,
+                                 "extra_tokens": self.extra_tokens},
         }
+
+    def count_split(self, lengths: list[int]) -> None:
+        """One conversation trained as `len(lengths)` examples of these lengths."""
+        if len(lengths) > 1:
+            self.split_conversations += 1
+            self.extra_examples += len(lengths) - 1
+            self.extra_tokens += sum(lengths) - max(lengths)
+
+
+def load_tools(path: str | None) -> list | None:
+    """`data.tools`: a JSON file holding a list of tool schemas (objects)."""
+    if not path:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(Location(str(path)), "invalid_json", f"data.tools: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(Location(str(path)), "wrong_type", "data.tools must hold a list of tool schemas (objects)")
+    return tools
 
 
 def load_task_map(path: str | None) -> dict[str, str]:
@@ -104,6 +134,7 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
     report = report if report is not None else DataReport()
     task_map = load_task_map(opts.task_map)
     seen: set[bytes] = set()
+    file_tools = load_tools(opts.tools)
     for path in expand_paths(inputs):
         file_format = opts.format
         records = 0
@@ -127,6 +158,8 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
                     raise DataError(where, "mixed_formats", f"{fmt} record in a {file_format} file")
                 task = _task_of(rec, path, opts, task_map, where)
                 conv = to_conversation(rec, where, fmt, task, opts.strip)
+                if conv.tools is None:
+                    conv.tools = file_tools
             except DataError as e:
                 _handle(e, opts, report)
                 continue
@@ -144,6 +177,9 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
                     for s in special(m.content):
                         report.special_text[s] += 1
             report.formats[fmt] += 1
+            for m in conv.messages:
+                report.reasoning_turns += m.reasoning is not None or (m.role == "assistant" and REASONING_CLOSE in m.content)
+                report.tool_call_turns += bool(m.tool_calls)
             report.tasks[task] += 1
             yield conv
         if records == 0:
@@ -154,23 +190,15 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
 def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTemplate, opts: DataConfig,
                          protected=None, batch_size: int = 256
                          ) -> Iterator[tuple[Conversation, Example | DataError | Dropped]]:
-    """render -> tokenize+mask, in batches: one result per conversation, in order, a failure in place of its
-    example (a template error becomes a `DataError` naming the record). The one chain every consumer uses:
+    """render -> tokenize+mask, in batches: one result per example, in order (a conversation whose template
+    rewrites history gives several, `render_conversation`), a failure in place of its examples (a template error
+    becomes a `DataError` naming the record). The one chain every consumer uses:
     training data, the audit, evaluation items and prompts built in code (few-shot, QA probes)."""
     protected = protected if protected is not None else protected_pattern(tokenizer)
     batch: list[Conversation] = []
 
     def flush():
-        rendered, ok, failed = [], [], {}
-        for k, conv in enumerate(batch):
-            try:
-                rendered.append(render_conversation(conv, tmpl))
-                ok.append(k)
-            except TemplateError as e:
-                failed[k] = DataError(conv.where, "template", str(e)) if conv.where else e
-        results = dict(zip(ok, tokenize_rendered(rendered, [batch[k] for k in ok], tokenizer, opts, protected)))
-        results.update(failed)
-        out = [(conv, results[k]) for k, conv in enumerate(batch)]
+        out = _encode_batch(batch, tokenizer, tmpl, opts, protected)
         batch.clear()
         return out
 
@@ -182,21 +210,63 @@ def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTem
         yield from flush()
 
 
+def _encode_batch(batch: list[Conversation], tokenizer, tmpl: ChatTemplate, opts: DataConfig, protected
+                  ) -> list[tuple[Conversation, Example | DataError | Dropped]]:
+    """`encode_conversations` for one batch: render each conversation (one or more examples), tokenize them all,
+    and give a turn whose context tokenizes differently inside a shared example an example of its own."""
+    rendered, owners, results = [], [], {}
+    for k, conv in enumerate(batch):
+        try:
+            parts = render_conversation(conv, tmpl, opts.loss_on, opts.train_reasoning)
+        except TemplateError as e:
+            results[k] = [DataError(conv.where, "template", str(e)) if conv.where else e]
+            continue
+        rendered += parts
+        owners += [k] * len(parts)
+    encoded = tokenize_rendered(rendered, [batch[k] for k in owners], tokenizer, opts, protected)
+    alone, alone_owners = [], []
+    for k, res in zip(owners, encoded):
+        if isinstance(res, Resplit):
+            alone += [render_turn(batch[k], tmpl, turn, opts.train_reasoning) for turn in res.turns]
+            alone_owners += [k] * len(res.turns)
+            res = res.example
+        results.setdefault(k, []).append(res)
+    for k, res in zip(alone_owners, tokenize_rendered(alone, [batch[k] for k in alone_owners], tokenizer, opts,
+                                                      protected)):
+        results[k].append(res)
+    return [(conv, res) for k, conv in enumerate(batch) for res in results[k]]
+
+
 def keep_examples(results: Iterable[tuple[Conversation, Example | DataError | Dropped]], skip_invalid: bool,
                   report: DataReport) -> Iterator[tuple[Conversation, Example]]:
     """The examples of `encode_conversations` that training sees: truncation-policy drops counted per reason,
-    an invalid record raised (or, with `skip_invalid`, counted), kept examples and truncations counted."""
+    an invalid record raised (or, with `skip_invalid`, counted), kept examples and truncations counted. A chat
+    template that fails every record is an error even with `skip_invalid` (the template is wrong, not the data)."""
+    kept, first_template_error, template_errors = 0, None, 0
+    current, lengths = None, []
     for conv, res in results:
+        if conv is not current:
+            report.count_split(lengths)
+            current, lengths = conv, []
         if isinstance(res, Dropped):
             report.dropped[res.reason] += 1
         elif isinstance(res, Exception):
             if not skip_invalid or not isinstance(res, DataError):
                 raise res
+            if res.reason == "template":
+                template_errors += 1
+                first_template_error = first_template_error or res
             report.invalid.add(res)
         else:
             report.truncated += res.truncated
             report.kept += 1
+            kept += 1
+            lengths.append(len(res.input_ids))
             yield conv, res
+    report.count_split(lengths)
+    if kept == 0 and template_errors:
+        raise TemplateError(f"the chat template fails every record ({template_errors}), so it is the template "
+                            f"that is wrong for this data; the first: {first_template_error}")
 
 
 def iter_examples(inputs: list[str | Path], tokenizer, opts: DataConfig, report: DataReport | None = None,

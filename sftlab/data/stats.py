@@ -80,6 +80,7 @@ def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json
         "trained_fraction": n_trained / n_tokens if n_tokens else 0.0,
         "length": percentiles(lengths), "response_length": percentiles(trained),
         "template": opts.template, "loss_on": opts.loss_on, "max_length": opts.max_length,
+        "train_reasoning": opts.train_reasoning,
     })
     if as_json:
         print(json.dumps(stats, indent=2))
@@ -113,6 +114,15 @@ def _print_inspect(stats: dict, report: DataReport, sample, tokenizer, console: 
     t.add_row("duplicates", f"{stats['duplicates']:,}" + (" (dropped)" if stats["duplicates_dropped"] else ""))
     t.add_row("truncated / dropped", f"{stats['truncated']:,} / {sum(stats['dropped'].values()):,} {stats['dropped'] or ''}")
     t.add_row("invalid", f"{stats['invalid']['total']:,} {stats['invalid']['by_reason'] or ''}")
+    if stats["reasoning_turns"] or stats["tool_call_turns"]:
+        t.add_row("reasoning / tool calls", f"{stats['reasoning_turns']:,} turns with a reasoning trace "
+                                            f"({'trained' if stats['train_reasoning'] else 'context only'}) / "
+                                            f"{stats['tool_call_turns']:,} tool-call turns (trained)")
+    h = stats["history_rewrites"]
+    if h["conversations"]:
+        t.add_row("history rewrites", f"{h['conversations']:,} conversations as {h['extra_examples']:,} extra examples "
+                                      f"(+{h['extra_tokens']:,} tokens, {h['extra_tokens'] / max(stats['tokens'], 1):.1%}"
+                                      f" of all): each turn in its own inference context")
     out.print(t)
     if len(stats["tasks"]) > 1:
         tt = Table(title="examples per task")

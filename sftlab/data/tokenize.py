@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import itemgetter
 
 from ..config import DataConfig
 from .formats import Conversation
-from .template import Rendered
+from .template import REASONING_CLOSE, REASONING_OPEN, Rendered
 from .validate import DataError, Location
 
 IGNORE = -100
@@ -70,58 +70,68 @@ def _encode_offsets(tokenizer, texts: list[str], split_special: bool = False) ->
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
+def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cuts: bool = True
+            ) -> list[tuple[int, int, bool]]:
+    """`(start, end, is_data)` pieces partitioning rendered.text[:end]: cut at every trained span's start and end
+    (span_cuts), and around message content (data_cuts: a message that spells a control token stays plain text)."""
+    end = len(rendered.text) if end is None else end
+    data = [(r.content_start, r.content_end) for r in rendered.regions
+            if data_cuts and r.content_start is not None and r.content_end > r.content_start]
+    bounds = {0, end}
+    if span_cuts:
+        bounds |= {x for r in rendered.trained_regions() for x in (r.train_start, r.end)}
+    bounds |= {x for ab in data for x in ab}
+    cuts = sorted(x for x in bounds if 0 <= x <= end)
+    return [(a, b, any(s <= a and b <= e for s, e in data)) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]]]
+                   ) -> list[tuple[list[int], list[tuple]]]:
+    """Token ids and offsets of each (text, pieces): every piece tokenized alone (data pieces with control tokens
+    split into plain text), concatenated; one batched call per kind of piece."""
+    flat = [(n, a, b, is_data) for n, (_, pieces) in enumerate(items) for a, b, is_data in pieces]
+    encoded: dict[int, tuple] = {}
+    for kind in (False, True):
+        idx = [i for i, f in enumerate(flat) if f[3] == kind]
+        if idx:
+            texts = [items[flat[i][0]][0][flat[i][1]:flat[i][2]] for i in idx]
+            encoded.update(zip(idx, _encode_offsets(tokenizer, texts, split_special=kind)))
+    out = [([], []) for _ in items]
+    for i, (n, a, _, _) in enumerate(flat):
+        ids, offs = encoded[i]
+        out[n][0].extend(ids)
+        out[n][1].extend((s + a, e + a) for s, e in offs)
+    return out
+
+
 def encode_piecewise(tokenizer, rendered: Rendered) -> tuple[list[int], list[tuple]]:
-    """Template text with control tokens as usual, message content as plain text."""
-    cuts = []
-    for r in rendered.regions:
-        if r.content_start is not None and r.content_end > r.content_start:
-            cuts.append((r.content_start, r.content_end))
-    pieces, pos = [], 0
-    for a, b in sorted(cuts):
-        if a > pos:
-            pieces.append((pos, rendered.text[pos:a], False))
-        pieces.append((a, rendered.text[a:b], True))
-        pos = b
-    if pos < len(rendered.text):
-        pieces.append((pos, rendered.text[pos:], False))
-    ids, offs = [], []
-    for start, text, is_data in pieces:
-        (pid, poff), = _encode_offsets(tokenizer, [text], split_special=is_data)
-        ids += pid
-        offs += [(s + start, e + start) for s, e in poff]
-    return ids, offs
+    """Template text with control tokens as usual, message content as plain text (no cuts at trained spans:
+    the tokens an inference prompt gets)."""
+    return _encode_pieces(tokenizer, [(rendered.text, _pieces(rendered, True, span_cuts=False))])[0]
 
 
 def trained_spans(rendered: Rendered, loss_on: str) -> list[tuple[int, int]]:
-    """Character spans whose tokens are trained."""
+    """Character spans whose tokens are trained (`render_conversation` marked the trained turns)."""
     if loss_on == "all":
         return [(0, len(rendered.text))]
-    spans = [(r.content_start, r.end) for r in rendered.regions if r.role == "assistant" and r.trained]
-    if loss_on == "last_assistant":
-        last = rendered.assistant_regions()[-1]
-        spans = [(last.content_start, last.end)] if last.trained else []
-    return spans
+    return [(r.train_start, r.end) for r in rendered.trained_regions()]
 
 
-def _token_range(offsets: list[tuple], a: int, b: int, where: Location) -> tuple[int, int]:
-    """Indices [i, j) of the tokens covering characters [a, b); a token may not straddle a or b."""
+def _token_range(offsets: list[tuple], a: int, b: int) -> tuple[int, int]:
+    """Indices [i, j) of the tokens covering characters [a, b) (trained spans are piece boundaries, so no token
+    straddles a or b)."""
     i = bisect_right(offsets, a, key=_END)  # first token ending after a
     j = bisect_left(offsets, b, key=_START)  # first token starting at or after b
-    if i < len(offsets) and offsets[i][0] < a:
-        raise DataError(where, "boundary_merge",
-                        "the response's first characters join the template's header in one token, so the prompt "
-                        "at inference would tokenize differently; remove leading whitespace from the response")
-    if j > 0 and offsets[j - 1][1] > b:
-        raise DataError(where, "boundary_merge", "the end-of-turn marker joins the following text in one token")
+    assert (i == len(offsets) or offsets[i][0] >= a) and (j == 0 or offsets[j - 1][1] <= b), "span inside a token"
     return i, j
 
 
 def _last_prompt_token(offsets: list[tuple], rendered: Rendered) -> int:
-    """Index of the token holding the last character of the message before the last assistant turn (the end
-    of its instruction); the assistant header if there is no such text. Left truncation may cut up to it."""
-    last = rendered.assistant_regions()[-1]
+    """Index of the token holding the last character of the message before the last trained turn (the end
+    of its instruction); that turn's start if there is no such text. Left truncation may cut up to it."""
+    last = (rendered.trained_regions() or rendered.assistant_regions() or rendered.regions)[-1]
     anchor = last.start
-    for r in rendered.regions[: last.message][::-1]:
+    for r in rendered.regions[:rendered.regions.index(last)][::-1]:
         if r.content_start is not None and r.content_end > r.content_start:
             anchor = r.content_end - 1
             break
@@ -133,7 +143,7 @@ def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts
     n = len(ids)
     labels = [IGNORE] * n
     spans = trained_spans(rendered, opts.loss_on)
-    token_spans = [_token_range(offsets, a, b, where) for a, b in spans]
+    token_spans = [_token_range(offsets, a, b) for a, b in spans]
     for i, j in token_spans:
         labels[i:j] = ids[i:j]
     if not any(j > i for i, j in token_spans):  # token ids are never IGNORE
@@ -172,29 +182,65 @@ def protected_pattern(tokenizer) -> re.Pattern:
     return re.compile("|".join(map(re.escape, strings)) or "(?!)")
 
 
+REASONING_TAGS = (REASONING_OPEN, REASONING_CLOSE)  # markup of an assistant's reasoning, not text typed into data
+
+
+def _control_text(message, protected: re.Pattern) -> bool:
+    """Whether a message's content spells a control token (reasoning tags in an assistant's content are markup)."""
+    found = protected.findall(message.content)
+    return bool(found) and not (message.role == "assistant" and set(found) <= set(REASONING_TAGS))
+
+
+@dataclass
+class Resplit:
+    """An example whose later turns `turns` (message indices) are untrained in it because their context tokenizes
+    differently inside the example than as their own inference prompt: each needs an example of its own."""
+    example: Example
+    turns: list[int]
+
+
+def _misaligned_turns(tokenizer, items: list[tuple[Rendered, list[int], list[tuple], bool]]) -> list[list[int]]:
+    """Per (rendered, ids, offsets, data_cuts): the trained turns after the first whose preceding tokens in the
+    example are not the tokens of their own inference prompt (the prompt tokenized alone, as at inference)."""
+    checks = []
+    for n, (r, ids, offs, data_cuts) in enumerate(items):
+        for g in r.trained_regions()[1:]:
+            if g.message >= 0:  # not a {% generation %} block: those are trained where the template puts them
+                checks.append((n, g))
+    expected = _encode_pieces(tokenizer, [(items[n][0].text, _pieces(items[n][0], items[n][3], g.train_start,
+                                                                      span_cuts=False)) for n, g in checks])
+    bad: list[list[int]] = [[] for _ in items]
+    for (n, g), (want, _) in zip(checks, expected):
+        _, ids, offs, _ = items[n]
+        i = bisect_left(offs, g.train_start, key=_START)
+        if ids[:i] != want:
+            bad[n].append(g.message)
+    return bad
+
+
 def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenizer, opts: DataConfig,
-                      protected: re.Pattern) -> list[Example | DataError | Dropped]:
-    """Tokenize a batch of rendered conversations (one fast batched call for the common case)."""
+                      protected: re.Pattern) -> list[Example | Resplit | DataError | Dropped]:
+    """Tokenize a batch of rendered conversations: each piece between trained-span boundaries alone (so every
+    trained span starts exactly after its inference prompt's tokens), message content that spells a control token
+    as plain text; batched calls."""
     results: list = [None] * len(batch)
-    fast = []
+    todo = []
     for k, (r, conv) in enumerate(zip(batch, convs)):
-        hits = [i for i, m in enumerate(conv.messages) if protected.search(m.content)]
-        if not hits:
-            fast.append(k)
+        hits = [g for g in r.regions if g.message >= 0 and _control_text(conv.messages[g.message], protected)]
+        if any(g.content_start is None for g in hits):
+            results[k] = DataError(conv.where, "template", "a message containing control-token text is rewritten "
+                                   "by the template, so it cannot be kept as plain text")
             continue
+        todo.append((k, bool(hits)))
+    encoded = _encode_pieces(tokenizer, [(batch[k].text, _pieces(batch[k], cut)) for k, cut in todo])
+    bad = _misaligned_turns(tokenizer, [(batch[k], ids, offs, cut) for (k, cut), (ids, offs) in zip(todo, encoded)])
+    for (k, _), (ids, offs), turns in zip(todo, encoded, bad):
+        r = batch[k]
+        if turns:
+            r = Rendered(r.text, [replace(g, trained=False) if g.message in turns else g for g in r.regions])
         try:
-            if any(r.regions[i].content_start is None for i in hits):
-                raise DataError(conv.where, "template", "a message containing control-token text is rewritten by "
-                                "the template, so it cannot be kept as plain text")
-            ids, offs = encode_piecewise(tokenizer, r)
-            results[k] = build_example(ids, offs, r, opts, conv.where, conv.task)
+            ex = build_example(ids, offs, r, opts, convs[k].where, convs[k].task)
+            results[k] = Resplit(ex, turns) if turns else ex
         except (DataError, Dropped) as e:
             results[k] = e
-    if fast:
-        encoded = _encode_offsets(tokenizer, [batch[k].text for k in fast])
-        for k, (ids, offs) in zip(fast, encoded):
-            try:
-                results[k] = build_example(ids, offs, batch[k], opts, convs[k].where, convs[k].task)
-            except (DataError, Dropped) as e:
-                results[k] = e
     return results

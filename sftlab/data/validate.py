@@ -19,7 +19,6 @@ REASONS = {
     "mixed_formats": "record format differs from the rest of the file",
     "unknown_format": "cannot detect the record format",
     "template": "chat template cannot render this conversation exactly",
-    "boundary_merge": "response text merges with template text into one token",
     "no_trained_tokens": "no token is trained",
     "empty_file": "file holds no records",
     "unreadable_file": "file cannot be read (corrupt, truncated, or gone)",
