@@ -210,3 +210,23 @@ def test_generation_with_the_training_template_equals_plain_greedy(tokenizer, fa
     want = [decode_reply(greedy_reference(ref, encode_prompt([{"role": "user", "content": p}], tmpl, tokenizer), 4),
                          tokenizer, stops) for p in prompts]
     assert got == want
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_lora_step_changes_only_the_adapter_and_lowers_the_loss(family):
+    from sftlab.config import RunConfig
+    from sftlab.train.components import apply_lora
+
+    model = _segments_copy(make_model(family)).train()
+    cfg = RunConfig.model_validate({"lora": {"enabled": True, "r": 4, "dropout": 0.0}})
+    model = apply_lora(model, cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch = collate_packed(_examples())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before, count = sft_loss_sum(model, batch)
+    (before / count).backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = sft_loss_sum(model, batch)
+    assert float(after) < float(before)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
