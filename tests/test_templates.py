@@ -151,6 +151,17 @@ def _case_ids():
     return [f"{t.name}:{c}" for t in TEMPLATES for c in CONVERSATIONS]
 
 
+def _case(tmp_path, base_tokenizer, path: Path, conv: str):
+    """The template's source, a tokenizer with its markers, the conversation, its tools and its data file."""
+    source = path.read_text(encoding="utf-8")
+    tok = _tokenizer_for(base_tokenizer, source)
+    msgs = CONVERSATIONS[conv]
+    tools = TOOLS["tools"] if conv == "tools" else None
+    data = tmp_path / "conv.jsonl"
+    data.write_text(json.dumps({"messages": msgs, **({"tools": tools} if tools else {})}) + "\n", encoding="utf-8")
+    return source, tok, msgs, tools, data
+
+
 @pytest.mark.parametrize("case", _case_ids())
 def test_trained_tokens_are_the_ground_truth(tmp_path, base_tokenizer, case):
     from sftlab.config import DataConfig
@@ -160,12 +171,7 @@ def test_trained_tokens_are_the_ground_truth(tmp_path, base_tokenizer, case):
 
     name, conv = case.rsplit(":", 1)
     path = BY_NAME[name]
-    source = path.read_text(encoding="utf-8")
-    tok = _tokenizer_for(base_tokenizer, source)
-    msgs = CONVERSATIONS[conv]
-    tools = TOOLS["tools"] if conv == "tools" else None
-    data = tmp_path / "conv.jsonl"
-    data.write_text(json.dumps({"messages": msgs, **({"tools": tools} if tools else {})}) + "\n", encoding="utf-8")
+    source, tok, msgs, tools, data = _case(tmp_path, base_tokenizer, path, conv)
     truth = _oracle(tok, source, msgs, tools)
     opts = DataConfig(template=str(path), max_length=None)
     if isinstance(truth, str):
@@ -203,12 +209,7 @@ def test_generation_templates_train_what_transformers_marks(tmp_path, base_token
 
     name, conv = case.rsplit(":", 1)
     path = SHARED.parent / "templates" / "trl-training" / name
-    source = path.read_text(encoding="utf-8")
-    tok = _tokenizer_for(base_tokenizer, source)
-    msgs = CONVERSATIONS[conv]
-    tools = TOOLS["tools"] if conv == "tools" else None
-    data = tmp_path / "conv.jsonl"
-    data.write_text(json.dumps({"messages": msgs, **({"tools": tools} if tools else {})}) + "\n", encoding="utf-8")
+    source, tok, msgs, tools, data = _case(tmp_path, base_tokenizer, path, conv)
     from jinja2.exceptions import TemplateError as JinjaError
     from sftlab.data.template import TemplateError
     from sftlab.data.validate import DataError
