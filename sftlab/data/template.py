@@ -124,7 +124,7 @@ class ChatTemplate:
 
     def with_tools(self, tools: list | None) -> ChatTemplate:
         """This template rendering with `tools` (JSON schemas) as apply_chat_template passes them."""
-        return self if tools is None else ChatTemplate(self.name, self.source, {**self.context, "tools": tools})
+        return ChatTemplate(self.name, self.source, {**self.context, "tools": tools})
 
     def render_marked(self, messages: list[dict], add_generation_prompt: bool = False
                       ) -> tuple[str, list[tuple[int, int]]]:
@@ -147,6 +147,7 @@ def resolve_template(name: str | None, tokenizer) -> ChatTemplate:
     context = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     context.setdefault("eos_token", tokenizer.eos_token or "")
     context.setdefault("bos_token", tokenizer.bos_token or "")
+    context.update(tools=None, documents=None)  # apply_chat_template always passes both (None when absent)
     if name in (None, "default"):
         source = getattr(tokenizer, "chat_template", None)
         if isinstance(source, dict):
