@@ -124,7 +124,7 @@ class ChatTemplate:
 
     def with_tools(self, tools: list | None) -> ChatTemplate:
         """This template rendering with `tools` (JSON schemas) as apply_chat_template passes them."""
-        return ChatTemplate(self.name, self.source, {**self.context, "tools": tools})
+        return self if tools is None else ChatTemplate(self.name, self.source, {**self.context, "tools": tools})
 
     def render_marked(self, messages: list[dict], add_generation_prompt: bool = False
                       ) -> tuple[str, list[tuple[int, int]]]:
