@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="seeded sample of prompts (all 541 when 0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--template", default="default")
     ap.add_argument("--out", type=Path, default=Path("ifeval_responses.jsonl"))
     args = ap.parse_args()

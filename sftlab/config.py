@@ -234,7 +234,8 @@ class EvalConfig(Strict):
     generations: int = Field(5, ge=0, description="Side-by-side generations kept in metrics.json and the report")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget for task data")
     qa_max_new_tokens: int = Field(32, ge=1, description="Generation budget for QA probes")
-    batch_size: int = Field(8, ge=1, description="Prompts per generation batch")
+    batch_size: int = Field(32, ge=1, description="Prompts decoding together (finished replies leave the batch, "
+                            "waiting prompts join it)")
     forward_batch_tokens: int = Field(4096, ge=1, description="Padded tokens per NLL forward pass")
     max_labels: int = Field(20, ge=2, description="Most distinct references a task may have to be scored as a label "
                             "set (accuracy)")

@@ -35,7 +35,7 @@ def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[st
         "train.epochs=1", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
         "train.precision=bf16-master", "train.save_every=8", "train.eval_every=8",
         "audit.limit_per_task=8", "audit.dtype=bf16",  # cheap: NLLs of 8 examples per family, no generation
-        f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=16",
+        f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=32",
         f"eval.generations={len(FAMILIES)}",  # one per family (eval takes them task by task)
         *overrides])
 

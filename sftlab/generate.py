@@ -114,44 +114,84 @@ def left_pad(batch: list[list[int]], pad_id: int):
     return input_ids, attention
 
 
-def generate(model, tokenizer, prompts: Iterable[Prompt], template: str | ChatTemplate = "default",
-             max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             batch_size: int = 8, seed: int | None = None,
-             on_batch: Callable[[int], None] | None = None) -> list[str]:
-    """Replies to `prompts` (in input order), generated in length-sorted, left-padded batches.
+def decode_stops(tmpl: ChatTemplate, tokenizer):
+    """The decode loop's stop rule: the end-of-turn id (or its text, for a multi-token marker) and EOS."""
+    from .decode import Stops
 
-    `on_batch(n)` is called after each batch of n prompts (for progress bars).
-    """
+    eot = end_of_turn_ids(tmpl, tokenizer)
+    ids = (set(eot) if len(eot) == 1 else set()) | ({tokenizer.eos_token_id} - {None})
+    text = "" if len(eot) == 1 else (end_of_turn_text(tmpl).strip() or end_of_turn_text(tmpl))
+    return Stops(frozenset(ids), text, tokenizer)
+
+
+def generate_ids(model, tokenizer, tmpl: ChatTemplate, encoded: list[list[int]], budgets: list[int],
+                 decoding: Decoding, batch_size: int = 8, seed: int | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """New token ids for each encoded prompt (input order), prompt i cut to `budgets[i]` new tokens.
+
+    The project's decode loop (`sftlab.decode`: finished rows leave, waiting prompts join, a growing KV cache)
+    where the model's cache allows it; otherwise transformers' `generate` on length-sorted, left-padded batches
+    grouped by budget. Both stop at the template's end-of-turn; `on_batch(n)` is called as n prompts finish."""
     import torch
 
-    tmpl = template if isinstance(template, ChatTemplate) else resolve_template(template, tokenizer)
-    decoding = Decoding(max_new_tokens, do_sample, temperature, top_p)
-    gen_cfg = generation_config(decoding, tmpl, tokenizer)
-    stops = stop_markers(tmpl, tokenizer)
-    protected = protected_pattern(tokenizer)
-    encoded = [encode_prompt(as_messages(p), tmpl, tokenizer, protected) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    replies: list[str] = [""] * len(encoded)
-    device = next(model.parameters()).device
+    from .decode import Sampling, decode, fast_path_problem
+
     if seed is not None:
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start:start + max(1, batch_size)]
-            input_ids, attention = left_pad([encoded[i] for i in idx], gen_cfg.pad_token_id)
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                     generation_config=gen_cfg,
-                                     tokenizer=tokenizer if gen_cfg.stop_strings else None)
-            for row, i in enumerate(idx):
-                replies[i] = decode_reply(out[row, input_ids.shape[1]:].tolist(), tokenizer, stops)
-            if on_batch:
-                on_batch(len(idx))
+        if fast_path_problem(model) is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(tmpl, tokenizer)[0]
+            sampling = Sampling(decoding.do_sample, decoding.temperature, decoding.top_p)
+            return decode(model, encoded, budgets, decode_stops(tmpl, tokenizer), pad, batch_size, sampling, on_batch)
+        return _generate_hf(model, tokenizer, tmpl, encoded, budgets, decoding, batch_size, on_batch)
     finally:
         model.train(was_training)
-    return replies
+
+
+def _generate_hf(model, tokenizer, tmpl, encoded, budgets, decoding, batch_size, on_batch) -> list[list[int]]:
+    """transformers' `generate`, for models whose cache the decode loop does not handle."""
+    import torch
+
+    out: list[list[int]] = [[] for _ in encoded]
+    device = next(model.parameters()).device
+    # grouped by budget, then by length (similar lengths share a batch)
+    order = sorted(range(len(encoded)), key=lambda i: (budgets[i], -len(encoded[i]), i))
+    step = max(1, batch_size)
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        cap = max(budgets[i] for i in idx)
+        gen_cfg = generation_config(Decoding(cap, decoding.do_sample, decoding.temperature, decoding.top_p),
+                                    tmpl, tokenizer)
+        input_ids, attention = left_pad([encoded[i] for i in idx], gen_cfg.pad_token_id)
+        with torch.no_grad():
+            ids = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 generation_config=gen_cfg, tokenizer=tokenizer if gen_cfg.stop_strings else None)
+        for row, i in enumerate(idx):
+            out[i] = ids[row, input_ids.shape[1]:input_ids.shape[1] + budgets[i]].tolist()
+        if on_batch:
+            on_batch(len(idx))
+    return out
+
+
+def generate(model, tokenizer, prompts: Iterable[Prompt], template: str | ChatTemplate = "default",
+             max_new_tokens: int | list[int] = 128, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, batch_size: int = 8, seed: int | None = None,
+             on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Replies to `prompts` (in input order); `max_new_tokens` is one budget or one per prompt.
+
+    `on_batch(n)` is called as n prompts finish (for progress bars)."""
+    tmpl = template if isinstance(template, ChatTemplate) else resolve_template(template, tokenizer)
+    protected = protected_pattern(tokenizer)
+    encoded = [encode_prompt(as_messages(p), tmpl, tokenizer, protected) for p in prompts]
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(encoded)
+    if len(budgets) != len(encoded):
+        raise ValueError(f"{len(encoded)} prompts but {len(budgets)} token budgets")
+    decoding = Decoding(min(budgets, default=1), do_sample, temperature, top_p)  # checks the options
+    stops = stop_markers(tmpl, tokenizer)
+    new = generate_ids(model, tokenizer, tmpl, encoded, budgets, decoding, batch_size, seed, on_batch)
+    return [decode_reply(ids, tokenizer, stops) for ids in new]
 
 
 def stream_reply(model, tokenizer, messages: list[dict], tmpl: ChatTemplate, on_text: Callable[[str], None],

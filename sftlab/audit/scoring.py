@@ -99,35 +99,20 @@ def score_batch(scorer: Scorer, batch: list[ScoreJob]) -> tuple[list[float], dic
 
 def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], caps: list[int],
                    batch_tokens: int, max_batch: int) -> list[str]:
-    """Greedy replies to token-id prompts; reply i is cut to caps[i] new tokens and at end-of-turn."""
-    import torch
+    """Greedy replies to token-id prompts; reply i is cut to caps[i] new tokens and at end-of-turn.
 
-    from ..generate import Decoding, decode_reply, generation_config, left_pad, stop_markers
+    The decode loop keeps at most `max_batch` rows, and no more than `batch_tokens` over the longest row
+    (prompt + budget) would fill."""
+    from ..generate import Decoding, decode_reply, generate_ids, stop_markers
 
-    device = next(scorer.model.parameters()).device
+    if not prompts:
+        return []
+    longest = max(len(p) + c for p, c in zip(prompts, caps))
+    rows = max(1, min(max_batch, batch_tokens // longest))
+    with scorer.autocast():
+        new = generate_ids(scorer.model, tokenizer, tmpl, prompts, caps, Decoding(max(caps)), rows)
     stops = stop_markers(tmpl, tokenizer)
-    out = [""] * len(prompts)
-    # grouped by answer budget, then prompt length: a batch generates only as long as its longest budget
-    order = sorted(range(len(prompts)), key=lambda i: (caps[i], len(prompts[i]), i))
-    batches, cur = [], []
-    for i in order:
-        if cur and ((len(cur) + 1) * (len(prompts[i]) + max(caps[j] for j in cur + [i])) > batch_tokens
-                    or len(cur) >= max_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    for batch in batches:
-        cap = max(caps[i] for i in batch)
-        cfg = generation_config(Decoding(max_new_tokens=cap), tmpl, tokenizer)
-        ids, mask = left_pad([prompts[i] for i in batch], cfg.pad_token_id)
-        with torch.inference_mode(), scorer.autocast():
-            gen = scorer.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                        generation_config=cfg, tokenizer=tokenizer if cfg.stop_strings else None)
-        for r, i in enumerate(batch):
-            out[i] = decode_reply(gen[r, ids.shape[1]:ids.shape[1] + caps[i]].tolist(), tokenizer, stops)
-    return out
+    return [decode_reply(ids[:cap], tokenizer, stops) for ids, cap in zip(new, caps)]
 
 
 def build_chunks(pending: list[AuditItem], all_items: list[AuditItem], tokenizer, tmpl, data: DataConfig,

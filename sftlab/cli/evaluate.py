@@ -87,7 +87,8 @@ def generate_cmd(
     data: Annotated[list[str], typer.Option("--data", help="Data file(s) in any supported format (repeatable)")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL: {index, task, prompt, reference, generation}")],
     max_new_tokens: MaxNewOpt = 128, do_sample: SampleOpt = False, temperature: TempOpt = 1.0, top_p: TopPOpt = 1.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts per generation batch")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoding together (finished replies "
+                                            "leave, waiting prompts join)")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for --do-sample")] = 0,
     opts: DataConfig = None,
 ):

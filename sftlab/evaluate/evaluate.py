@@ -63,6 +63,7 @@ from .. import layout
 from ..config import DataConfig, EvalConfig
 from ..data.formats import Conversation
 from ..data.load import expand_paths
+from ..generate import generate
 from ..data.pipeline import DataReport, encode_conversations, keep_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
@@ -128,20 +129,6 @@ def prepare(cfg: EvalConfig, data_opts: DataConfig, tokenizer, tmpl, training_ta
     return Inputs(items, qa, text, few, few_tasks, report, qa_invalid)
 
 
-def _generate_grouped(model, tokenizer, tmpl, prompts: list, budgets: list[int], batch_size: int, on_batch) -> list[str]:
-    """Greedy replies, one `generate` call per distinct token budget."""
-    from ..generate import generate
-
-    out = [""] * len(prompts)
-    for budget in sorted(set(budgets)):
-        idx = [i for i, b in enumerate(budgets) if b == budget]
-        replies = generate(model, tokenizer, [prompts[i] for i in idx], tmpl, max_new_tokens=budget,
-                           do_sample=False, batch_size=batch_size, on_batch=on_batch)
-        for i, r in zip(idx, replies):
-            out[i] = r
-    return out
-
-
 def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, budgets, label: str,
                 console: Console, with_few_shot: bool) -> dict:
     """Per-example rows for one model: task rows, QA rows per file, text NLLs per file, k-shot rows."""
@@ -155,17 +142,16 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
         if inp.items:
             nlls = example_nll(model, [it.example for it in inp.items], pad, batch_tokens,
                                bar("task NLL", len(inp.items)))
-            gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in inp.items],
-                                     [budgets[it.task] for it in inp.items], cfg.batch_size,
-                                     bar("task generation", len(inp.items)))
+            gens = generate(model, tokenizer, [it.prompt for it in inp.items], tmpl,
+                            [budgets[it.task] for it in inp.items], batch_size=cfg.batch_size,
+                            on_batch=bar("task generation", len(inp.items)))
             out["tasks"] = generalization.score_task_rows(inp.items, nlls, gens, labels)
         for path, items in inp.qa.items():
             name = Path(path).name
             gold = [ex for it in items for ex in it.gold]
             nlls = example_nll(model, gold, pad, batch_tokens, bar(f"{name} gold NLL", len(gold)))
-            gens = _generate_grouped(model, tokenizer, tmpl, [it.prompt for it in items],
-                                     [cfg.qa_max_new_tokens] * len(items), cfg.batch_size,
-                                     bar(f"{name} generation", len(items)))
+            gens = generate(model, tokenizer, [it.prompt for it in items], tmpl, cfg.qa_max_new_tokens,
+                            batch_size=cfg.batch_size, on_batch=bar(f"{name} generation", len(items)))
             out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens)
         for path, windows in inp.text.items():
             out["text"][path] = example_nll(model, windows, pad, batch_tokens,
@@ -175,8 +161,8 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
             nlls = example_nll(model, [ex for _, ex, _ in inp.few], pad, batch_tokens,
                                bar(f"{cfg.few_shot}-shot NLL", len(inp.few)))
             prompts = [Conversation(c.messages[:-1], c.task, c.where) for _, _, c in inp.few]
-            gens = _generate_grouped(model, tokenizer, tmpl, prompts, [budgets[it.task] for it in items],
-                                     cfg.batch_size, bar(f"{cfg.few_shot}-shot generation", len(inp.few)))
+            gens = generate(model, tokenizer, prompts, tmpl, [budgets[it.task] for it in items],
+                            batch_size=cfg.batch_size, on_batch=bar(f"{cfg.few_shot}-shot generation", len(inp.few)))
             out["few"] = generalization.score_task_rows(items, nlls, gens, labels)
     return out
 

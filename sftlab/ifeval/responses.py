@@ -13,7 +13,7 @@ from .score import IFEvalPrompt, compare, figures, load_prompts, match_responses
 
 
 def generate_responses(model, tokenizer, template, prompts: list[IFEvalPrompt], max_new_tokens: int = 1024,
-                       batch_size: int = 8, on_batch: Callable[[int], None] | None = None,
+                       batch_size: int = 32, on_batch: Callable[[int], None] | None = None,
                        console=None) -> list[str]:
     """Greedy replies to the prompts (in their order), each prompt a single user turn in `template`.
 

@@ -1,0 +1,296 @@
+"""The decode loop: continuous batching over a growing KV cache, for every greedy or sampled reply sftlab makes.
+
+transformers' `generate` decodes a left-padded batch until its longest reply ends: a row that has finished keeps
+decoding padding, and the dynamic cache is re-concatenated (copied whole) at every step. Here
+
+- rows leave the batch as they finish (end-of-turn id, stop text, or their own token budget), and waiting
+  prompts (longest first) are prefilled and join it, so the batch stays full while there is work;
+- each layer's keys and values live in a buffer that grows by doubling (`GrowingLayer`), so a step writes one
+  column instead of copying the cache;
+- columns that every row has as left padding are cut off when rows leave.
+
+A row sees exactly what it would see alone: its own tokens at positions 0, 1, ... (padding is masked and takes no
+position), so greedy replies are transformers' greedy replies token for token (up to float reassociation of a
+different batch shape, as between any two batchings). The fast path needs a cache of plain full-attention layers;
+`fast_path_problem` names why a model cannot take it (sliding windows, recurrent state), and the caller then uses
+transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+MIN_CAPACITY = 64  # columns a layer buffer starts with
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys/values are views of a buffer that grows by doubling."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.length = 0
+        self.key_buf = self.value_buf = None
+        self.is_initialized = True
+
+    def _reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, columns: int) -> None:
+        have = 0 if self.key_buf is None else self.key_buf.shape[-2]
+        if columns <= have:
+            return
+        cap = max(columns, 2 * have, MIN_CAPACITY)
+        k = like_k.new_zeros(like_k.shape[0], like_k.shape[1], cap, like_k.shape[3])
+        v = like_v.new_zeros(like_v.shape[0], like_v.shape[1], cap, like_v.shape[3])
+        if self.length:
+            k[:, :, :self.length] = self.key_buf[:, :, :self.length]
+            v[:, :, :self.length] = self.value_buf[:, :, :self.length]
+        self.key_buf, self.value_buf = k, v
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+        return self.keys, self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.length + key_states.shape[-2]
+        self._reserve(key_states, value_states, n)
+        self.key_buf[:, :, self.length:n] = key_states
+        self.value_buf[:, :, self.length:n] = value_states
+        self.length = n
+        return self._views()
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length():
+            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
+            self._views()
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first `columns` columns (padding of every row)."""
+        if columns and self.get_seq_length():
+            self.length -= columns
+            self.key_buf = self.key_buf[:, :, columns:columns + self.length].clone()
+            self.value_buf = self.value_buf[:, :, columns:columns + self.length].clone()
+            self._views()
+
+    def join(self, other: GrowingLayer, pad_self: int, pad_other: int) -> None:
+        """Append `other`'s rows to this layer's, each side left-padded (zeros) to the common width."""
+        width = self.length + pad_self
+        assert width == other.length + pad_other
+        k = self.key_buf.new_zeros(self.key_buf.shape[0] + other.key_buf.shape[0], self.key_buf.shape[1],
+                                   max(width, MIN_CAPACITY), self.key_buf.shape[3])
+        v = k.new_zeros(k.shape[0], k.shape[1], k.shape[2], self.value_buf.shape[3])
+        b = self.key_buf.shape[0]
+        k[:b, :, pad_self:width] = self.key_buf[:, :, :self.length]
+        v[:b, :, pad_self:width] = self.value_buf[:, :, :self.length]
+        k[b:, :, pad_other:width] = other.key_buf[:, :, :other.length]
+        v[b:, :, pad_other:width] = other.value_buf[:, :, :other.length]
+        self.key_buf, self.value_buf, self.length = k, v, width
+        self._views()
+
+
+def fast_path_problem(model) -> str | None:
+    """Why `decode` cannot run this model (None when it can): every cache layer must be plain full attention."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder model"
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as e:  # a config transformers' cache cannot read
+        return f"transformers' DynamicCache does not take {type(config).__name__}: {e}"
+    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if kinds:
+        return f"{type(config).__name__} has cache layers of kind {', '.join(kinds)} (sliding window or recurrent state)"
+    if _cache_argument(model) is None:
+        return f"{type(model).__name__}.forward takes no KV cache argument"
+    return None
+
+
+def _cache_argument(model) -> str | None:
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy (argmax), or sampled at `temperature` within the `top_p` nucleus."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the temperature, the tokens outside the top-p nucleus at -inf (as transformers'
+        TemperatureLogitsWarper then TopPLogitsWarper: the tail whose mass is <= 1 - top_p goes, one token stays)."""
+        logits = logits.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=False)
+            tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            tail[:, -1] = False
+            logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.do_sample:
+            return logits.argmax(-1)
+        probs = self.warp(logits).softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+@dataclass
+class Stops:
+    """When a reply ends: one of `ids`, or `text` appearing in its last tokens (a multi-token end-of-turn)."""
+    ids: frozenset[int]
+    text: str = ""
+    tokenizer: object = None
+
+    def hit(self, new_ids: list[int]) -> bool:
+        if new_ids[-1] in self.ids:
+            return True
+        if not self.text:
+            return False
+        window = new_ids[-(len(self.text) + 4):]  # a marker of n characters spans at most n tokens (+ byte pieces)
+        return self.text in self.tokenizer.decode(window, skip_special_tokens=False)
+
+
+class _Rows:
+    """The rows decoding together: prompt index, 2-D attention mask, next position, pending input, new ids."""
+
+    def __init__(self, index: list[int], mask: torch.Tensor, cache: Cache, last: torch.Tensor):
+        self.index, self.mask, self.cache, self.last = index, mask, cache, last
+        self.new: list[list[int]] = [[int(t)] for t in last.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _new_cache(n_layers: int) -> Cache:
+    return Cache(layers=[GrowingLayer() for _ in range(n_layers)])
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position among its row's real tokens (padding gets 1, as transformers' generate)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class _Model:
+    """One forward of the model with the cache under the name its `forward` takes."""
+
+    def __init__(self, model):
+        self.model, self.cache_arg = model, _cache_argument(model)
+        self.n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def last_logits(self, ids, mask, positions, cache) -> torch.Tensor:
+        kwargs = {self.cache_arg: cache, "use_cache": True}
+        if self.keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1]
+
+
+def _prefill(m: _Model, index: list[int], prompts: list[list[int]], pad_id: int, sampling: Sampling,
+             device) -> _Rows:
+    ids, mask = _left_pad([prompts[i] for i in index], pad_id, device)
+    cache = _new_cache(m.n_layers)
+    logits = m.last_logits(ids, mask, _positions(mask), cache)
+    return _Rows(list(index), mask, cache, sampling.choose(logits))
+
+
+def _step(m: _Model, rows: _Rows, sampling: Sampling) -> None:
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
+    positions = (rows.mask.sum(-1, keepdim=True) - 1)
+    logits = m.last_logits(rows.last[:, None], rows.mask, positions, rows.cache)
+    rows.last = sampling.choose(logits)
+    for r, t in enumerate(rows.last.tolist()):
+        rows.new[r].append(int(t))
+
+
+def _join(a: _Rows, b: _Rows) -> _Rows:
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.join(lb, pad_a, pad_b)
+    mask = torch.cat([torch.nn.functional.pad(a.mask, (pad_a, 0)), torch.nn.functional.pad(b.mask, (pad_b, 0))])
+    a.index, a.mask, a.last, a.new = a.index + b.index, mask, torch.cat([a.last, b.last]), a.new + b.new
+    return a
+
+
+def _keep(rows: _Rows, keep: list[int]) -> None:
+    sel = torch.tensor(keep, dtype=torch.long, device=rows.mask.device)
+    for layer in rows.cache.layers:
+        layer.batch_select_indices(sel)
+    rows.index = [rows.index[r] for r in keep]
+    rows.new = [rows.new[r] for r in keep]
+    rows.mask, rows.last = rows.mask[sel], rows.last[sel]
+    # columns that are padding in every remaining row are dropped (worth a copy once they are a quarter)
+    pad = int((rows.mask.cumsum(-1) == 0).sum(-1).min())
+    if pad and pad * 4 >= rows.mask.shape[1]:
+        for layer in rows.cache.layers:
+            layer.drop_left(pad)
+        rows.mask = rows.mask[:, pad:]
+
+
+def decode(model, prompts: list[list[int]], budgets: list[int], stops: Stops, pad_id: int, batch_size: int = 8,
+           sampling: Sampling | None = None, on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (in input order), ending with the stop id or text when one was hit.
+
+    Prompt i gets at most `budgets[i]` new tokens. At most `batch_size` rows decode together; waiting prompts
+    (longest first) join when a quarter of the slots are free, or when the batch is empty. `on_done(n)` is called
+    as n replies finish."""
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
+    if any(b < 1 for b in budgets):
+        raise ValueError("every token budget must be at least 1")
+    if any(not p for p in prompts):
+        raise ValueError("an empty prompt cannot be decoded")
+    problem = fast_path_problem(model)
+    if problem:
+        raise ValueError(f"sftlab's decode loop cannot run this model: {problem}")
+    sampling = sampling or Sampling()
+    batch_size = max(1, batch_size)
+    m = _Model(model)
+    device = next(model.parameters()).device
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i)))
+    out: list[list[int]] = [[] for _ in prompts]
+    rows: _Rows | None = None
+    with torch.inference_mode():
+        while waiting or rows:
+            free = batch_size - (len(rows) if rows else 0)
+            if waiting and (rows is None or free * 4 >= batch_size):
+                joining = _prefill(m, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts,
+                                   pad_id, sampling, device)
+                rows = joining if rows is None else _join(rows, joining)
+            else:
+                _step(m, rows, sampling)
+            done = [r for r, (i, new) in enumerate(zip(rows.index, rows.new))
+                    if len(new) >= budgets[i] or stops.hit(new)]
+            if not done:
+                continue
+            for r in done:
+                out[rows.index[r]] = rows.new[r]
+            keep = [r for r in range(len(rows)) if r not in set(done)]
+            if keep:
+                _keep(rows, keep)
+            else:
+                rows = None
+            if on_done:
+                on_done(len(done))
+    return out
