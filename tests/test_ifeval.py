@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from sftlab.cli import app
 from sftlab.ifeval.responses import generate_responses, score_file, write_responses
-from sftlab.ifeval.score import IFEvalPrompt, compare, figures, load_prompts, match_responses, score
+from sftlab.ifeval.score import (SHARED_INPUTS, IFEvalPrompt, compare, figures, load_prompts, match_responses,
+                                 resolve_inputs, score)
 from sftlab.ifeval.checkers import ensure_punkt, follows, instruction_registry, loose_variants
 
 LONG = " ".join(["word"] * 310)
@@ -144,6 +145,14 @@ def test_load_prompts_reads_the_541_and_samples_seeded(shared_data):
     assert sample == load_prompts(path, limit=20, seed=0) != load_prompts(path, limit=20, seed=1)
     order = [p.key for p in prompts]
     assert [order.index(p.key) for p in sample] == sorted(order.index(p.key) for p in sample)
+
+
+def test_default_inputs_resolve_beside_the_checkout_from_any_directory(tmp_path, monkeypatch, shared_data):
+    monkeypatch.chdir(tmp_path)  # no ../shared here
+    assert resolve_inputs(SHARED_INPUTS).resolve() == (shared_data / "ifeval" / "input_data.jsonl").resolve()
+    assert len(load_prompts(SHARED_INPUTS, limit=3)) == 3
+    with pytest.raises(ValueError, match=r"nothere\.jsonl: no such IFEval inputs file"):
+        load_prompts(tmp_path / "nothere.jsonl")
 
 
 def test_compare_pairs_prompts_and_weights_instructions():

@@ -31,9 +31,26 @@ class IFEvalPrompt:
     kwargs: tuple[dict, ...]
 
 
+SHARED_INPUTS = "../shared/data/ifeval/input_data.jsonl"  # this project's shared copy, beside the checkout
+
+
+def resolve_inputs(path: str | Path) -> Path:
+    """The IFEval inputs file: `path` as given; the default `SHARED_INPUTS`, when the working directory has no such
+    file, beside the sftlab checkout (so `sftlab eval --ifeval` works from any directory there). A missing file
+    is an error."""
+    path = Path(path)
+    if not path.is_file() and str(path) == SHARED_INPUTS:
+        beside = Path(__file__).resolve().parents[2] / SHARED_INPUTS
+        path = beside if beside.is_file() else path
+    if not path.is_file():
+        raise ValueError(f"{path}: no such IFEval inputs file (give its path: --ifeval-inputs / eval.ifeval_inputs)")
+    return path
+
+
 def load_prompts(path: str | Path, limit: int | None = None, seed: int = 0) -> list[IFEvalPrompt]:
     """The prompts of an IFEval input file (`{"key", "prompt", "instruction_id_list", "kwargs"}` per line), in
     file order; with `limit`, a seeded random sample of that many, still in file order."""
+    path = resolve_inputs(path)
     prompts = []
     for i, row in enumerate(read_jsonl(path), start=1):
         try:
