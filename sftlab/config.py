@@ -177,7 +177,8 @@ class AuditConfig(Strict):
     generate: bool = Field(False, description="Greedy answers with normalised exact match and ROUGE-L")
     max_new_tokens: int = Field(64, ge=1, description="Cap on generated tokens (also n_response_tokens + 16)")
     limit_per_task: int | None = Field(None, ge=1, description="Audit a seeded uniform sample of N examples per task")
-    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (exact) | bf16 (autocast; NLLs from fp32 logits)")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32 (exact) | bf16 (bf16 weights, as training's bf16 "
+                                           "path; cross-entropy in fp32; docs/audit.md for the tolerance)")
     forward_batch_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass (and generation batch)")
     max_batch_size: int = Field(64, ge=1, description="Sequences per forward pass at most")
     chunk_examples: int = Field(128, ge=1, description="Examples scored and saved together (the unit of resuming)")
@@ -246,7 +247,8 @@ class EvalConfig(Strict):
     ifeval: bool = Field(False, description="Instruction following: greedy replies to IFEval's prompts, scored by "
                          "its checkers (prompt/instruction level, strict/loose), tuned vs base (docs/ifeval.md)")
     ifeval_inputs: str = Field("../shared/data/ifeval/input_data.jsonl", description="IFEval's input_data.jsonl "
-                               "(the default is this project's shared copy; give your own path elsewhere)")
+                               "(the default is this project's shared copy beside the checkout; give your own path "
+                               "elsewhere)")
     ifeval_limit: int | None = Field(None, ge=1, description="A seeded sample of N IFEval prompts (None: all 541)")
     ifeval_max_new_tokens: int = Field(1024, ge=1, description="Generation budget per IFEval reply (it asks for "
                                        "long answers)")

@@ -18,6 +18,7 @@ Models whose logits are more than that (soft-capping, scaling: `Logits`) get it 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -69,6 +70,22 @@ def splits_into_body_and_head(model: nn.Module) -> bool:
     head give the model's own logits)."""
     base = base_model(model)
     return base.get_output_embeddings() is not None and decoder_body(base) is not None
+
+
+@contextmanager
+def attention_as(model: nn.Module, name: str | None):
+    """The model (peft-wrapped or not) with attention implementation `name` inside the block, its own after it
+    (None: unchanged). transformers' `set_attn_implementation`, the public switch."""
+    base = base_model(model)
+    own = base.config._attn_implementation
+    if name is None or name == own:
+        yield model
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(own)
 
 
 def model_inputs(model: nn.Module, batch: dict) -> dict:
@@ -135,8 +152,8 @@ def nll_chunks(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, 
 
 @dataclass
 class ResponseNll:
-    """Per row of a batch: NLL summed over its scored tokens (fp64), their number, and optionally the last
-    hidden state mean-pooled over the row's attended tokens (fp32 [B, H])."""
+    """Per sequence of a batch (a row of a padded batch, a segment of a packed one): NLL summed over its scored
+    tokens (fp64), their number, and optionally the last hidden state mean-pooled over its tokens (fp32 [N, H])."""
 
     sums: torch.Tensor
     counts: torch.Tensor
@@ -147,12 +164,29 @@ class ResponseNll:
         return [s / n if n else float("nan") for s, n in zip(self.sums.tolist(), self.counts.tolist())]
 
 
+def _sequence_ids(batch: dict, device) -> tuple[torch.Tensor, int]:
+    """For every flat position of the batch [B*T], the sequence it belongs to, and the number of sequences:
+    rows of a right-padded batch (`collate_padded`), segments of a packed row (`collate_packed`, `seq_lens`)."""
+    import torch
+
+    b, t = batch["labels"].shape
+    if batch.get("seq_lens") is not None:
+        if b != 1:
+            raise ValueError("a packed batch is one row")
+        lens = torch.tensor(batch["seq_lens"], device=device)
+        return torch.repeat_interleave(torch.arange(len(lens), device=device), lens), len(lens)
+    return torch.arange(b, device=device).repeat_interleave(t), b
+
+
 def response_nll(model: nn.Module, batch: dict, chunk_size: int = 1024, pool: bool = False,
                  head_only: bool | None = None) -> ResponseNll:
-    """Response-token NLL of every row of a right-padded collated batch (`collate_padded`), without gradients.
+    """Response-token NLL of every sequence of a collated batch, without gradients: the rows of a right-padded
+    batch (`collate_padded`) or the segments of a packed row (`collate_packed`; the model's attention must keep
+    them apart: `segments`, or flash-attention's varlen path).
 
     The scored tokens are those with labels != -100. head_only: run the head on the scored positions only
     (None: wherever `splits_into_body_and_head`); False: the model's own full forward, logits gathered there.
+    pool: each sequence's last hidden state averaged over its real tokens.
     """
     import torch
     from torch import nn
@@ -166,21 +200,26 @@ def response_nll(model: nn.Module, batch: dict, chunk_size: int = 1024, pool: bo
             out = model(**model_inputs(model, batch), use_cache=False, output_hidden_states=True)
             hidden, head = out.hidden_states[-1], None
         b, t = batch["labels"].shape
+        seq, n_seq = _sequence_ids(batch, hidden.device)
         keep, y, _ = trained_positions(batch["labels"], device=hidden.device)
-        rows = keep // t
+        rows = seq.index_select(0, keep)
         if head is not None:
             chunks = nll_chunks(head, hidden.reshape(b * t, -1).index_select(0, keep), y, chunk_size)
         else:
             logits = out.logits.reshape(b * t, -1).index_select(0, keep)
             chunks = nll_chunks(nn.Identity(), logits, y, chunk_size)
-        sums = torch.zeros(b, dtype=torch.float64, device=hidden.device)
+        sums = torch.zeros(n_seq, dtype=torch.float64, device=hidden.device)
         for s, nll in chunks:
             sums.index_add_(0, rows[s:s + len(nll)], nll.double())
-        counts = torch.bincount(rows, minlength=b)
+        counts = torch.bincount(rows, minlength=n_seq)
         pooled = None
         if pool:
-            mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).float()
-            pooled = ((hidden.float() * mask).sum(1) / mask.sum(1)).cpu()
+            flat = hidden.reshape(b * t, -1).float()
+            if batch.get("attention_mask") is not None:
+                real = batch["attention_mask"].to(hidden.device).reshape(-1).bool()
+                flat, seq = flat[real], seq[real]
+            pooled = torch.zeros(n_seq, flat.shape[1], device=hidden.device).index_add_(0, seq, flat)
+            pooled = (pooled / torch.bincount(seq, minlength=n_seq).clamp(min=1)[:, None]).cpu()
         return ResponseNll(sums.cpu(), counts.cpu(), pooled)
 
 

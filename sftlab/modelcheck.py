@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .attention import SegmentsError
-from .lm import base_model, model_hidden_states, output_head, splits_into_body_and_head
+from .lm import attention_as, base_model, model_hidden_states, output_head, splits_into_body_and_head
 
 PROBE_LENGTHS = (13, 9)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to the logits' magnitude; others: 3e-2
@@ -115,3 +115,25 @@ def check_training_path(model: nn.Module, packed: bool) -> None:
                               + ("set model.attn_implementation=eager or sdpa" if attn == "segments" else
                                  "this model does not keep packed examples apart: set train.batching=length_grouped"
                                  if packed else "set model.attn_implementation=eager"))
+
+
+def scoring_attention(model: nn.Module) -> str | None:
+    """The attention for no-gradient scoring (audit, evaluation NLL): `segments` on CPU for a model it reproduces on
+    packed rows (checked here once, as before training), else None (the model's own attention). The model's
+    own attention is left in place: callers switch with `sftlab.lm.attention_as` around their scoring forwards, since
+    generation needs a mask that `segments` does not take."""
+    from .attention import register
+    from .models import segments_unsupported
+
+    base = base_model(model)
+    if next(base.parameters()).device.type != "cpu" or segments_unsupported(base.config):
+        return None
+    if not getattr(base, "_can_set_attn_implementation", lambda: False)():
+        return None
+    name = register()
+    try:
+        with attention_as(base, name):
+            check_training_path(base, packed=True)
+    except (ModelCheckError, ValueError):
+        return None
+    return name

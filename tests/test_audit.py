@@ -90,6 +90,60 @@ def test_exact_scores_default_model(tmp_path, tokenizer, shared_data):
     _check_against_reference(tmp_path / "a", model, tokenizer, expected_n=8)
 
 
+def test_scoring_runs_on_segments_and_leaves_the_model_as_it_was(tmp_path, tiny_model, tokenizer, shared_data):
+    """On CPU the scoring forwards take `segments` (verified against the model's eager forward first); the
+    model's own attention is back in place afterwards (generation needs its mask), and the scores stay exact."""
+    own = tiny_model.config._attn_implementation
+    assert own != "segments"
+    opts = AuditConfig(limit_per_task=3, forward_batch_tokens=2048, generate=True, max_new_tokens=4)
+    run_audit(_t0(shared_data), tmp_path / "a", opts, _data(), model=tiny_model, tokenizer=tokenizer)
+    meta = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert meta["scoring_attention"] == "segments" and meta["response_positions_only"] is True
+    assert tiny_model.config._attn_implementation == own
+    _check_against_reference(tmp_path / "a", tiny_model, tokenizer, expected_n=6)
+
+
+def test_scoring_attention_falls_back_where_segments_does_not_apply(tiny_model):
+    from sftlab.lm import attention_as
+    from sftlab.modelcheck import scoring_attention
+
+    assert scoring_attention(tiny_model) == "segments"
+    tiny_model.config.attention_chunk_size = 8  # a mask-only pattern segments does not implement
+    assert scoring_attention(tiny_model) is None
+    own = tiny_model.config._attn_implementation
+    with attention_as(tiny_model, "eager"):
+        assert tiny_model.config._attn_implementation == "eager"
+    assert tiny_model.config._attn_implementation == own
+
+
+# bf16 scoring (bf16 weights, fp32 cross-entropy) against the exact fp32 path: docs/audit.md, "Precision"
+BF16_NLL_ABS, BF16_NLL_REL = 0.05, 0.02
+
+
+def _bf16_close(a: float, b: float) -> bool:
+    return abs(a - b) <= BF16_NLL_ABS + BF16_NLL_REL * abs(b)
+
+
+@pytest.mark.slow
+def test_bf16_fast_path_within_documented_tolerance_of_fp32(tmp_path, tokenizer, shared_data):
+    """audit.dtype=bf16 loads bf16 weights (the training path's precision): every s_cond / s_uncond within the
+    documented tolerance of the exact fp32 path, on the default model and real data."""
+    from sftlab.models import load_model
+
+    rows = {}
+    for dtype in ("fp32", "bf16"):
+        model = load_model("default", dtype=dtype).eval()
+        assert next(model.parameters()).dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        out = tmp_path / dtype
+        run_audit(_t0(shared_data, T0_FILES + SHORT_T0_FILES), out, AuditConfig(limit_per_task=6, dtype=dtype),
+                  _data(), model=model, tokenizer=tokenizer)
+        rows[dtype] = [json.loads(line) for line in open(out / "examples.jsonl")]
+    for a, b in zip(rows["bf16"], rows["fp32"], strict=True):
+        for key in ("s_cond", "s_uncond"):
+            assert _bf16_close(a[key], b[key]), (a["source"], key, a[key], b[key])
+    assert any(a["s_cond"] != b["s_cond"] for a, b in zip(rows["bf16"], rows["fp32"]))  # it did run in bf16
+
+
 def test_scores_ignore_padding_and_batching(tmp_path, tiny_model, tokenizer, shared_data):
     """One example per batch and everything in one batch give the same numbers."""
     rows = {}

@@ -19,6 +19,8 @@ from ..data.pipeline import DataReport, record_progress
 from ..data.split import load_clusters
 from ..data.template import resolve_template
 from ..io import output_lock, progress
+from ..lm import base_model
+from ..modelcheck import scoring_attention
 from . import store
 from .items import collect_items
 from .scoring import Scorer, build_chunks, check_head_only, run_chunk
@@ -102,12 +104,13 @@ def _audit(inputs, out_dir, cfg, data, model_path, overwrite, console, model, to
     pending = [it for it in items if it.index not in done]
     scored_tokens, t_score = 0, 0.0
     if pending:
-        if model is None:
-            model = load_model(model_path)
+        if model is None:  # bf16: bf16 weights, as training's bf16 path (fp32 stays the exact default)
+            model = load_model(model_path, dtype=cfg.dtype)
         chunks = build_chunks(pending, items, tokenizer, tmpl, data, cfg)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        scorer = Scorer(model.eval(), pad, cfg.dtype)
+        scorer = Scorer(model.eval(), pad, cfg.dtype, attention=scoring_attention(model))
         meta["response_positions_only"] = check_head_only(scorer, chunks[0].jobs[0])
+        meta["scoring_attention"] = scorer.attention or base_model(model).config._attn_implementation
         total = sum(c.tokens for c in chunks)
         t0 = time.perf_counter()
         with progress("audit", console) as bar, \

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import AuditConfig
-from ..data.packing import collate_padded
 from ..config import DataConfig
+from ..data.packing import collate_packed, collate_padded, length_batches, pack_best_fit
 from ..data.template import assistant_header
 from ..data.tokenize import IGNORE, Example
-from ..data.packing import length_batches
 from ..data.pipeline import encode_conversations
-from ..lm import GEN_MARGIN, head_matches_logits, response_nll
+from ..lm import GEN_MARGIN, attention_as, head_matches_logits, response_nll
 from ..data.fewshot import shot_conversation
 from .items import AuditItem, audit_data_options, plan_shots
 
@@ -52,20 +51,37 @@ class ScoreChunk:
 
 @dataclass
 class Scorer:
-    """How the audit runs the model: padding id, bf16 autocast or not, and whether the head runs on the
-    response positions only (`head_only`, verified once by `check_head_only`) or on every position."""
+    """How the audit runs the model: padding id, bf16 or not, whether the head runs on the response positions only
+    (`head_only`, verified once by `check_head_only`) or on every position, and the attention of the scoring
+    forwards (`attention`: `segments` on CPU where `modelcheck.scoring_attention` verified it; None: the model's own).
+
+    dtype bf16 with bf16 weights (the audit loads them so: the training path's precision) runs as it is; with fp32
+    weights (a model passed in) it runs under bf16 autocast. Either way the cross-entropy is taken in fp32."""
 
     model: object
     pad_id: int
     dtype: str = "fp32"
     head_only: bool | None = None
+    attention: str | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Packed rows (no padding) where the scoring attention keeps examples apart by their positions."""
+        return self.attention == "segments"
 
     def autocast(self):
         import torch
 
-        if self.dtype == "bf16":  # covers the projection too; the cross-entropy stays fp32
-            return torch.autocast(next(self.model.parameters()).device.type, dtype=torch.bfloat16)
+        param = next(self.model.parameters())
+        if self.dtype == "bf16" and param.dtype == torch.float32:
+            return torch.autocast(param.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def scoring(self):
+        """The block in which scoring forwards run: the scoring attention, and autocast where it applies."""
+        with attention_as(self.model, self.attention), self.autocast():
+            yield
 
 
 def check_head_only(scorer: Scorer, job: ScoreJob) -> bool:
@@ -79,17 +95,27 @@ def check_head_only(scorer: Scorer, job: ScoreJob) -> bool:
     return scorer.head_only
 
 
-def make_batches(jobs: list[ScoreJob], batch_tokens: int, max_batch: int) -> list[list[ScoreJob]]:
-    """Length-sorted batches whose size x longest sequence stays within `batch_tokens` (ties in index order)."""
+def make_batches(jobs: list[ScoreJob], batch_tokens: int, max_batch: int, packed: bool = False
+                 ) -> list[list[ScoreJob]]:
+    """The forward passes of a chunk's jobs, one plan for all their kinds (cond, uncond, shot).
+
+    packed: rows of at most `batch_tokens` tokens (best-fit, longest first; a longer sequence gets a row of its
+    own), no padding. Else length-sorted right-padded batches whose size x longest sequence stays within
+    `batch_tokens`, at most `max_batch` sequences (ties in index order)."""
     jobs = sorted(jobs, key=lambda j: j.index)
-    return [[jobs[i] for i in b] for b in length_batches([j.tokens for j in jobs], batch_tokens, max_batch)]
+    lengths = [j.tokens for j in jobs]
+    if packed:
+        rows = pack_best_fit(lengths, max(batch_tokens, max(lengths, default=1)))
+        return [[jobs[i] for i in row] for row in rows]
+    return [[jobs[i] for i in b] for b in length_batches(lengths, batch_tokens, max_batch)]
 
 
 def score_batch(scorer: Scorer, batch: list[ScoreJob]) -> tuple[list[float], dict[int, np.ndarray]]:
     """(mean NLL per job, {index: pooled hidden state} for the jobs that ask for it), without gradients."""
-    with scorer.autocast():
-        res = response_nll(scorer.model, collate_padded([j.example for j in batch], scorer.pad_id),
-                           pool=any(j.pool for j in batch), head_only=scorer.head_only)
+    examples = [j.example for j in batch]
+    collated = collate_packed(examples) if scorer.packed else collate_padded(examples, scorer.pad_id)
+    with scorer.scoring():
+        res = response_nll(scorer.model, collated, pool=any(j.pool for j in batch), head_only=scorer.head_only)
     pooled = {}
     if res.pooled is not None:
         vecs = res.pooled.numpy().astype(np.float32)
@@ -172,7 +198,7 @@ def run_chunk(chunk: ScoreChunk, scorer: Scorer, tokenizer, tmpl, cfg: AuditConf
 
     values: dict = defaultdict(dict)
     pooled: dict[int, np.ndarray] = {}
-    for batch in make_batches(chunk.jobs, cfg.forward_batch_tokens, cfg.max_batch_size):
+    for batch in make_batches(chunk.jobs, cfg.forward_batch_tokens, cfg.max_batch_size, scorer.packed):
         means, emb = score_batch(scorer, batch)
         pooled.update(emb)
         for job, v in zip(batch, means):

@@ -53,6 +53,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,7 +73,7 @@ from ..ifeval import responses as ifeval_responses
 from ..ifeval import score as ifeval_score
 from ..io import progress
 from . import forgetting, generalization
-from .scoring import example_nll
+from . import scoring
 
 SCHEMA_VERSION = 1
 
@@ -134,6 +135,10 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
     """Per-example rows for one model: task rows, QA rows per file, text NLLs per file, k-shot rows."""
     pad, batch_tokens = tokenizer.pad_token_id, cfg.forward_batch_tokens
     out: dict = {"tasks": [], "qa": {}, "text": {}, "few": []}
+    from ..modelcheck import scoring_attention  # imports torch: not at CLI start-up
+
+    attention = scoring_attention(model) if (inp.items or inp.qa or inp.text or inp.few) else None
+    example_nll = partial(scoring.example_nll, attention=attention)
     with progress(label, console) as bars:
         def bar(name: str, total: int):
             t = bars.add_task(name, total=total, info=name)

@@ -29,20 +29,22 @@ class Nll:
 
 
 def example_nll(model, examples: list[Example], pad_id: int, batch_tokens: int = 4096,
-                on_batch: Callable[[int], None] | None = None) -> list[Nll]:
-    """Per example: NLL summed over its trained tokens (labels != -100), in input order (`lm.response_nll`)."""
-    from ..lm import response_nll
+                on_batch: Callable[[int], None] | None = None, attention: str | None = None) -> list[Nll]:
+    """Per example: NLL summed over its trained tokens (labels != -100), in input order (`lm.response_nll`).
+    attention: the attention implementation of these forwards (`modelcheck.scoring_attention`; None: the model's)."""
+    from ..lm import attention_as, response_nll
 
     out: list[Nll | None] = [None] * len(examples)
     was_training = model.training
     model.eval()
     try:
-        for batch in length_batches([len(ex.input_ids) for ex in examples], batch_tokens):
-            res = response_nll(model, collate_padded([examples[i] for i in batch], pad_id))
-            for i, total, n in zip(batch, res.sums.tolist(), res.counts.tolist()):
-                out[i] = Nll(total, n)
-            if on_batch:
-                on_batch(len(batch))
+        with attention_as(model, attention):
+            for batch in length_batches([len(ex.input_ids) for ex in examples], batch_tokens):
+                res = response_nll(model, collate_padded([examples[i] for i in batch], pad_id))
+                for i, total, n in zip(batch, res.sums.tolist(), res.counts.tolist()):
+                    out[i] = Nll(total, n)
+                if on_batch:
+                    on_batch(len(batch))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
