@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 MIN_CAPACITY = 64  # columns a layer buffer starts with
+PREFILL_TOKENS = 4096  # padded tokens per prefill forward at most (one longer prompt goes alone)
 
 
 class GrowingLayer(DynamicLayer):
@@ -42,9 +43,9 @@ class GrowingLayer(DynamicLayer):
         have = 0 if self.key_buf is None else self.key_buf.shape[-2]
         if columns <= have:
             return
-        cap = max(columns, 2 * have, MIN_CAPACITY)
-        k = like_k.new_zeros(like_k.shape[0], like_k.shape[1], cap, like_k.shape[3])
-        v = like_v.new_zeros(like_v.shape[0], like_v.shape[1], cap, like_v.shape[3])
+        cap = max(columns, 2 * have, MIN_CAPACITY)  # columns past `length` are never read: no need to clear them
+        k = like_k.new_empty(like_k.shape[0], like_k.shape[1], cap, like_k.shape[3])
+        v = like_v.new_empty(like_v.shape[0], like_v.shape[1], cap, like_v.shape[3])
         if self.length:
             k[:, :, :self.length] = self.key_buf[:, :, :self.length]
             v[:, :, :self.length] = self.value_buf[:, :, :self.length]
@@ -68,8 +69,12 @@ class GrowingLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length():
-            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
+        if self.get_seq_length():  # the rows' used columns into buffers of the same capacity
+            k, v = self.key_buf, self.value_buf
+            self.key_buf = k.new_empty(len(indices), *k.shape[1:])
+            self.value_buf = v.new_empty(len(indices), *v.shape[1:])
+            torch.index_select(k[:, :, :self.length], 0, indices, out=self.key_buf[:, :, :self.length])
+            torch.index_select(v[:, :, :self.length], 0, indices, out=self.value_buf[:, :, :self.length])
             self._views()
 
     def drop_left(self, columns: int) -> None:
@@ -84,10 +89,13 @@ class GrowingLayer(DynamicLayer):
         """Append `other`'s rows to this layer's, each side left-padded (zeros) to the common width."""
         width = self.length + pad_self
         assert width == other.length + pad_other
-        k = self.key_buf.new_zeros(self.key_buf.shape[0] + other.key_buf.shape[0], self.key_buf.shape[1],
-                                   max(width, MIN_CAPACITY), self.key_buf.shape[3])
-        v = k.new_zeros(k.shape[0], k.shape[1], k.shape[2], self.value_buf.shape[3])
+        k = self.key_buf.new_empty(self.key_buf.shape[0] + other.key_buf.shape[0], self.key_buf.shape[1],
+                                   max(2 * width, MIN_CAPACITY), self.key_buf.shape[3])
+        v = k.new_empty(k.shape[0], k.shape[1], k.shape[2], self.value_buf.shape[3])
         b = self.key_buf.shape[0]
+        for buf in (k, v):  # padding is masked, but must be finite (0 x NaN is NaN)
+            buf[:b, :, :pad_self].zero_()
+            buf[b:, :, :pad_other].zero_()
         k[:b, :, pad_self:width] = self.key_buf[:, :, :self.length]
         v[:b, :, pad_self:width] = self.value_buf[:, :, :self.length]
         k[b:, :, pad_other:width] = other.key_buf[:, :, :other.length]
@@ -214,6 +222,30 @@ def _prefill(m: _Model, index: list[int], prompts: list[list[int]], pad_id: int,
     return _Rows(list(index), mask, cache, sampling.choose(logits))
 
 
+def prefill_groups(lengths: list[int], max_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
+    """Positions of `lengths` (longest first) in groups prefilled together: a group takes the next prompt while
+    its padded size stays within `max_tokens` (a longer prompt goes alone) and that prompt is at least 3/4 as
+    long as the group's first, so left padding wastes at most a quarter of a prefill."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * lengths[g[0]] <= max_tokens and 4 * n >= 3 * lengths[g[0]]:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prefill_all(m: _Model, index: list[int], prompts: list[list[int]], pad_id: int, sampling: Sampling,
+                 device, max_tokens: int) -> _Rows:
+    """`_prefill` of `index` (longest first) in `prefill_groups`, joined into one set of rows."""
+    rows = None
+    for g in prefill_groups([len(prompts[i]) for i in index], max_tokens):
+        joining = _prefill(m, [index[j] for j in g], prompts, pad_id, sampling, device)
+        rows = joining if rows is None else _join(rows, joining)
+    return rows
+
+
 def _step(m: _Model, rows: _Rows, sampling: Sampling) -> None:
     rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=1)
     positions = (rows.mask.sum(-1, keepdim=True) - 1)
@@ -249,11 +281,13 @@ def _keep(rows: _Rows, keep: list[int]) -> None:
 
 
 def decode(model, prompts: list[list[int]], budgets: list[int], stops: Stops, pad_id: int, batch_size: int = 8,
-           sampling: Sampling | None = None, on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+           sampling: Sampling | None = None, on_done: Callable[[int], None] | None = None,
+           prefill_tokens: int = PREFILL_TOKENS) -> list[list[int]]:
     """New token ids for each prompt (in input order), ending with the stop id or text when one was hit.
 
     Prompt i gets at most `budgets[i]` new tokens. At most `batch_size` rows decode together; waiting prompts
-    (longest first) join when a quarter of the slots are free, or when the batch is empty. `on_done(n)` is called
+    (longest first) join when a quarter of the slots are free, or when the batch is empty; they are prefilled in
+    groups of similar length of at most `prefill_tokens` padded tokens (`prefill_groups`). `on_done(n)` is called
     as n replies finish."""
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
@@ -275,8 +309,8 @@ def decode(model, prompts: list[list[int]], budgets: list[int], stops: Stops, pa
         while waiting or rows:
             free = batch_size - (len(rows) if rows else 0)
             if waiting and (rows is None or free * 4 >= batch_size):
-                joining = _prefill(m, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts,
-                                   pad_id, sampling, device)
+                joining = _prefill_all(m, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts,
+                                       pad_id, sampling, device, prefill_tokens)
                 rows = joining if rows is None else _join(rows, joining)
             else:
                 _step(m, rows, sampling)

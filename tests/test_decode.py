@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from sftlab.decode import GrowingLayer, Sampling, Stops, decode, fast_path_problem
+from sftlab.decode import GrowingLayer, Sampling, Stops, decode, fast_path_problem, prefill_groups
 from sftlab.generate import decode_stops, encode_prompt
 
 from test_generate import IM_END, greedy_reference, make_chatty_model
@@ -48,21 +48,35 @@ def chatty():
     return make_chatty_model(seed=2).eval()
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_continuous_batching_equals_generate_alone(tokenizer, tmpl, chatty, batch_size):
+@pytest.mark.parametrize("batch_size, prefill_tokens", [(1, 4096), (3, 4096), (8, 4096), (8, 1)])
+def test_continuous_batching_equals_generate_alone(tokenizer, tmpl, chatty, batch_size, prefill_tokens):
     """Twelve prompts of mixed lengths and budgets 1..15 through a batch of 1, 3 or 8: rows leave at their own
-    budget, waiting prompts join mid-decode, left padding is cut when the long rows are gone."""
+    budget, waiting prompts join mid-decode (prefilled in groups of similar length, or one by one), left padding
+    is cut when the long rows are gone."""
     prompts = prompt_ids(tokenizer, tmpl, 12)
     budgets = [1 + (7 * i) % 15 for i in range(12)]
     stops = decode_stops(tmpl, tokenizer)
     finished = []
-    got = decode(chatty, prompts, budgets, stops, IM_END, batch_size, on_done=finished.append)
+    got = decode(chatty, prompts, budgets, stops, IM_END, batch_size, on_done=finished.append,
+                 prefill_tokens=prefill_tokens)
     assert sum(finished) == len(prompts)
     for ids, n, new in zip(prompts, budgets, got):
         want = hf_alone(chatty, ids, n, sorted(stops.ids))
         assert new == want
         assert new == greedy_reference(chatty, ids, len(new))  # and the model's own greedy tokens, without cache
         assert len(new) == n or new[-1] in stops.ids
+
+
+def test_prefill_groups_bound_padding_and_size():
+    lengths = [800, 460, 120, 100, 95, 91, 90, 40, 40, 39, 38, 30]
+    assert prefill_groups(lengths, 4096) == [[0], [1], [2, 3, 4, 5, 6], [7, 8, 9, 10, 11]]
+    assert prefill_groups(lengths, 200) == [[0], [1], [2], [3, 4], [5, 6], [7, 8, 9, 10, 11]]
+    for max_tokens in (1, 200, 4096):
+        groups = prefill_groups(lengths, max_tokens)
+        assert [i for g in groups for i in g] == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) == 1 or len(g) * lengths[g[0]] <= max_tokens
+            assert 4 * lengths[g[-1]] >= 3 * lengths[g[0]]
 
 
 def test_rows_stop_at_end_of_turn_and_others_go_on(tokenizer, tmpl):
