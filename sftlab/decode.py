@@ -31,37 +31,45 @@ PREFILL_TOKENS = 4096  # padded tokens per prefill forward at most (one longer p
 
 
 class GrowingLayer(DynamicLayer):
-    """A full-attention cache layer whose keys/values are views of a buffer that grows by doubling."""
+    """A full-attention cache layer whose keys/values are views of a buffer with spare columns and rows: a step
+    writes one column (the buffer doubles when full), rows that leave are replaced by moving the last rows into
+    their slots, and rows that join are written into free slots."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self.length = 0
+        self.length = self.rows = 0
         self.key_buf = self.value_buf = None
         self.is_initialized = True
 
-    def _reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, columns: int) -> None:
-        have = 0 if self.key_buf is None else self.key_buf.shape[-2]
-        if columns <= have:
-            return
-        cap = max(columns, 2 * have, MIN_CAPACITY)  # columns past `length` are never read: no need to clear them
-        k = like_k.new_empty(like_k.shape[0], like_k.shape[1], cap, like_k.shape[3])
-        v = like_v.new_empty(like_v.shape[0], like_v.shape[1], cap, like_v.shape[3])
+    def _realloc(self, rows: int, columns: int, like_k: torch.Tensor, like_v: torch.Tensor, at: int = 0) -> None:
+        """New buffers of `rows` x `columns` holding the current rows' used columns from column `at` (columns
+        before are zeros: padding is masked, but must be finite, as 0 x NaN is NaN; columns past the used ones are
+        never read, so not cleared)."""
+        k = like_k.new_empty(rows, like_k.shape[1], columns, like_k.shape[3])
+        v = like_v.new_empty(rows, like_v.shape[1], columns, like_v.shape[3])
         if self.length:
-            k[:, :, :self.length] = self.key_buf[:, :, :self.length]
-            v[:, :, :self.length] = self.value_buf[:, :, :self.length]
-        self.key_buf, self.value_buf = k, v
+            for new, old in ((k, self.key_buf), (v, self.value_buf)):
+                new[:self.rows, :, :at].zero_()
+                new[:self.rows, :, at:at + self.length] = old[:self.rows, :, :self.length]
+        self.key_buf, self.value_buf, self.length = k, v, self.length + at if self.length else 0
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+        self.keys = self.key_buf[:self.rows, :, :self.length]
+        self.values = self.value_buf[:self.rows, :, :self.length]
         return self.keys, self.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.key_buf is None:
+            self.rows = key_states.shape[0]
         n = self.length + key_states.shape[-2]
-        self._reserve(key_states, value_states, n)
-        self.key_buf[:, :, self.length:n] = key_states
-        self.value_buf[:, :, self.length:n] = value_states
+        if self.key_buf is None or n > self.key_buf.shape[-2]:
+            have = 0 if self.key_buf is None else self.key_buf.shape[-2]
+            self._realloc(self.rows if self.key_buf is None else self.key_buf.shape[0],
+                          max(n, 2 * have, MIN_CAPACITY), key_states, value_states)
+        self.key_buf[:self.rows, :, self.length:n] = key_states
+        self.value_buf[:self.rows, :, self.length:n] = value_states
         self.length = n
         return self._views()
 
@@ -69,38 +77,51 @@ class GrowingLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length():  # the rows' used columns into buffers of the same capacity
-            k, v = self.key_buf, self.value_buf
-            self.key_buf = k.new_empty(len(indices), *k.shape[1:])
-            self.value_buf = v.new_empty(len(indices), *v.shape[1:])
-            torch.index_select(k[:, :, :self.length], 0, indices, out=self.key_buf[:, :, :self.length])
-            torch.index_select(v[:, :, :self.length], 0, indices, out=self.value_buf[:, :, :self.length])
+        if self.get_seq_length():
+            keys, values = self.key_buf[:self.rows][indices], self.value_buf[:self.rows][indices]
+            self.rows = len(indices)
+            self.key_buf[:self.rows, :, :self.length] = keys[:, :, :self.length]
+            self.value_buf[:self.rows, :, :self.length] = values[:, :, :self.length]
             self._views()
+
+    def move_rows(self, dst: list[int], src: list[int], n: int) -> None:
+        """Row src[i] moves to slot dst[i], then the first `n` rows are kept (no other row is copied)."""
+        if not self.get_seq_length():
+            return
+        if dst:
+            d = torch.tensor(dst, device=self.key_buf.device)
+            s = torch.tensor(src, device=self.key_buf.device)
+            for buf in (self.key_buf, self.value_buf):
+                buf[d, :, :self.length] = buf[s, :, :self.length]
+        self.rows = n
+        self._views()
 
     def drop_left(self, columns: int) -> None:
         """Forget the first `columns` columns (padding of every row)."""
         if columns and self.get_seq_length():
+            keys, values = self.keys[:, :, columns:], self.values[:, :, columns:]
             self.length -= columns
-            self.key_buf = self.key_buf[:, :, columns:columns + self.length].clone()
-            self.value_buf = self.value_buf[:, :, columns:columns + self.length].clone()
+            for name, used in (("key_buf", keys), ("value_buf", values)):
+                buf = getattr(self, name)
+                new = buf.new_empty(buf.shape[0], buf.shape[1], max(2 * self.length, MIN_CAPACITY), buf.shape[3])
+                new[:self.rows, :, :self.length] = used
+                setattr(self, name, new)
             self._views()
 
-    def join(self, other: GrowingLayer, pad_self: int, pad_other: int) -> None:
-        """Append `other`'s rows to this layer's, each side left-padded (zeros) to the common width."""
+    def join(self, other: GrowingLayer, pad_self: int, pad_other: int, row_capacity: int = 0) -> None:
+        """Append `other`'s rows to this layer's, each side left-padded (zeros) to the common width. Written into
+        free slots when this layer's rows need no padding and there is room; otherwise into new buffers of at
+        least `row_capacity` rows."""
         width = self.length + pad_self
         assert width == other.length + pad_other
-        k = self.key_buf.new_empty(self.key_buf.shape[0] + other.key_buf.shape[0], self.key_buf.shape[1],
-                                   max(2 * width, MIN_CAPACITY), self.key_buf.shape[3])
-        v = k.new_empty(k.shape[0], k.shape[1], k.shape[2], self.value_buf.shape[3])
-        b = self.key_buf.shape[0]
-        for buf in (k, v):  # padding is masked, but must be finite (0 x NaN is NaN)
-            buf[:b, :, :pad_self].zero_()
-            buf[b:, :, :pad_other].zero_()
-        k[:b, :, pad_self:width] = self.key_buf[:, :, :self.length]
-        v[:b, :, pad_self:width] = self.value_buf[:, :, :self.length]
-        k[b:, :, pad_other:width] = other.key_buf[:, :, :other.length]
-        v[b:, :, pad_other:width] = other.value_buf[:, :, :other.length]
-        self.key_buf, self.value_buf, self.length = k, v, width
+        rows = self.rows + other.rows
+        if pad_self or rows > self.key_buf.shape[0]:
+            self._realloc(max(rows, row_capacity), max(2 * width, MIN_CAPACITY), self.key_buf, self.value_buf,
+                          at=pad_self)
+        for buf, part in ((self.key_buf, other.key_buf), (self.value_buf, other.value_buf)):
+            buf[self.rows:rows, :, :pad_other].zero_()
+            buf[self.rows:rows, :, pad_other:width] = part[:other.rows, :, :other.length]
+        self.rows, self.length = rows, width
         self._views()
 
 
@@ -236,13 +257,12 @@ def prefill_groups(lengths: list[int], max_tokens: int = PREFILL_TOKENS) -> list
     return groups
 
 
-def _prefill_all(m: _Model, index: list[int], prompts: list[list[int]], pad_id: int, sampling: Sampling,
-                 device, max_tokens: int) -> _Rows:
-    """`_prefill` of `index` (longest first) in `prefill_groups`, joined into one set of rows."""
-    rows = None
+def _prefill_into(rows: _Rows | None, m: _Model, index: list[int], prompts: list[list[int]], pad_id: int,
+                  sampling: Sampling, device, max_tokens: int, batch_size: int) -> _Rows:
+    """`_prefill` of `index` (longest first) in `prefill_groups`, each group joining `rows` (or starting them)."""
     for g in prefill_groups([len(prompts[i]) for i in index], max_tokens):
         joining = _prefill(m, [index[j] for j in g], prompts, pad_id, sampling, device)
-        rows = joining if rows is None else _join(rows, joining)
+        rows = joining if rows is None else _join(rows, joining, batch_size)
     return rows
 
 
@@ -255,22 +275,36 @@ def _step(m: _Model, rows: _Rows, sampling: Sampling) -> None:
         rows.new[r].append(int(t))
 
 
-def _join(a: _Rows, b: _Rows) -> _Rows:
+def _join(a: _Rows, b: _Rows, row_capacity: int) -> _Rows:
     width = max(a.mask.shape[1], b.mask.shape[1])
     pad_a, pad_b = width - a.mask.shape[1], width - b.mask.shape[1]
     for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.join(lb, pad_a, pad_b)
+        la.join(lb, pad_a, pad_b, row_capacity)
     mask = torch.cat([torch.nn.functional.pad(a.mask, (pad_a, 0)), torch.nn.functional.pad(b.mask, (pad_b, 0))])
     a.index, a.mask, a.last, a.new = a.index + b.index, mask, torch.cat([a.last, b.last]), a.new + b.new
     return a
 
 
+def fill_holes(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Rows `keep` (sorted) to stay: (order, dst, src) where the last kept rows move into the first leaving
+    rows' slots (`dst[i] <- src[i]`), so that the first len(keep) slots hold them in `order`; only moved rows are
+    copied."""
+    k = len(keep)
+    holes = [r for r in range(k) if r not in set(keep)]
+    movers = [r for r in keep if r >= k]
+    order = list(range(k))
+    for d, r in zip(holes, movers):
+        order[d] = r
+    return order, holes, movers
+
+
 def _keep(rows: _Rows, keep: list[int]) -> None:
-    sel = torch.tensor(keep, dtype=torch.long, device=rows.mask.device)
+    order, dst, src = fill_holes(keep)
     for layer in rows.cache.layers:
-        layer.batch_select_indices(sel)
-    rows.index = [rows.index[r] for r in keep]
-    rows.new = [rows.new[r] for r in keep]
+        layer.move_rows(dst, src, len(order))
+    sel = torch.tensor(order, dtype=torch.long, device=rows.mask.device)
+    rows.index = [rows.index[r] for r in order]
+    rows.new = [rows.new[r] for r in order]
     rows.mask, rows.last = rows.mask[sel], rows.last[sel]
     # columns that are padding in every remaining row are dropped (worth a copy once they are a quarter)
     pad = int((rows.mask.cumsum(-1) == 0).sum(-1).min())
@@ -309,9 +343,8 @@ def decode(model, prompts: list[list[int]], budgets: list[int], stops: Stops, pa
         while waiting or rows:
             free = batch_size - (len(rows) if rows else 0)
             if waiting and (rows is None or free * 4 >= batch_size):
-                joining = _prefill_all(m, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts,
-                                       pad_id, sampling, device, prefill_tokens)
-                rows = joining if rows is None else _join(rows, joining)
+                rows = _prefill_into(rows, m, [waiting.popleft() for _ in range(min(free, len(waiting)))], prompts,
+                                     pad_id, sampling, device, prefill_tokens, batch_size)
             else:
                 _step(m, rows, sampling)
             done = [r for r, (i, new) in enumerate(zip(rows.index, rows.new))

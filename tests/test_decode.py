@@ -152,9 +152,25 @@ def test_growing_layer_keeps_what_a_concatenation_keeps():
     ok, ov = torch.randn(1, 2, 20, 4, generator=g), torch.randn(1, 2, 20, 4, generator=g)
     other.update(ok, ov)
     width = ref_k.shape[2]
-    layer.join(other, 0, width - 20)
-    assert torch.equal(layer.keys[:2], ref_k)
+    buf = layer.key_buf
+    layer.join(other, 0, width - 20, row_capacity=6)  # room (3 rows): written into the free slot
+    assert torch.equal(layer.keys[:2], ref_k) and layer.key_buf is buf
     assert torch.equal(layer.keys[2:, :, width - 20:], ok) and not layer.keys[2:, :, :width - 20].any()
+    ref_k = layer.keys.clone()
+    layer.join(other, 0, width - 20, row_capacity=6)  # no room: new buffers with room for 6 rows
+    assert layer.key_buf.shape[0] == 6 and torch.equal(layer.keys[:3], ref_k) and torch.equal(layer.keys[3], ref_k[2])
+    buf = layer.key_buf
+    layer.move_rows([0], [3], 3)  # row 0 leaves, the last row takes its slot
+    assert torch.equal(layer.keys, ref_k[[2, 1, 2]]) and layer.key_buf is buf
+    wide = GrowingLayer()
+    wk = torch.randn(2, 2, width + 3, 4, generator=g)
+    wide.update(wk, wk)
+    layer.join(wide, 3, 0)  # a wider joiner: this layer's rows are left-padded by 3
+    assert torch.equal(layer.keys[:3, :, 3:], ref_k[[2, 1, 2]]) and not layer.keys[:3, :, :3].any()
+    assert torch.equal(layer.keys[3:], wk) and layer.get_seq_length() == width + 3
+    step = torch.randn(5, 2, 1, 4, generator=g)
+    keys, _ = layer.update(step, step)
+    assert keys.shape == (5, 2, width + 4, 4) and torch.equal(keys[:, :, -1:], step)
 
 
 def test_fast_path_is_refused_with_a_reason_for_sliding_window_caches():
