@@ -27,14 +27,18 @@ from .demo_data import FAMILIES, HELDOUT_TASKS, write_demo_data
 EVAL_SPLITS = ("heldout_instances", "heldout_tasks")
 
 
-def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[str]) -> RunConfig:
+def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[str], bf16: bool = True) -> RunConfig:
+    """The demo's run config; `bf16`: bf16 weights for training and the audit (where bf16 is native,
+    `models.bf16_native`), else fp32."""
     j = json.dumps  # JSON is YAML: paths with spaces or colons stay one string
+    precision = ["train.precision=bf16-master", "audit.dtype=bf16"] if bf16 else ["train.precision=fp32",
+                                                                                 "audit.dtype=fp32"]
     return load_config(None, [
         f"output_dir={j(str(out))}", f"model.path={j(model)}", f"data.train={j([str(data['train'])])}",
         f"data.validation={j([str(data['heldout_instances'])])}", "data.task_field=task", "data.max_length=256",
         "train.epochs=1", "train.batch_size=16", "train.lr=1e-4", "train.warmup_ratio=0.05",
-        "train.precision=bf16-master", "train.save_every=8", "train.eval_every=8",
-        "audit.limit_per_task=8", "audit.dtype=bf16",  # cheap: NLLs of 8 examples per family, no generation
+        *precision, "train.save_every=8", "train.eval_every=8",
+        "audit.limit_per_task=8",  # cheap: NLLs of 8 examples per family, no generation
         f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=32",
         f"eval.generations={len(FAMILIES)}",  # one per family (eval takes them task by task)
         *overrides])
@@ -75,7 +79,17 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", override
     counts = {s: sum(1 for _ in open(p, encoding="utf-8")) for s, p in data.items()}
     console.print("demo data: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" -> {escape(str(out / 'data'))}",
                   highlight=False)
-    log = run_pipeline(demo_config(out, data, model, overrides or []), console, on_change="redo", summary=False)
+    import torch
+
+    from .models import bf16_native
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = bf16_native(device)
+    why = "bf16 is native here" if bf16 else ("no AVX-512 BF16 or AMX on this CPU" if device == "cpu"
+                                              else "this GPU has no bf16")
+    console.print(f"precision: {'bf16 weights' if bf16 else 'fp32'} ({why})", highlight=False)
+    log = run_pipeline(demo_config(out, data, model, overrides or [], bf16), console, on_change="redo",
+                       summary=False)
     metrics = json.loads((out / layout.EVAL_DIR / layout.EVAL_METRICS).read_text(encoding="utf-8"))
     scores = demo_scores(metrics)
     _print(scores["before"], scores["after"], demo_generations(metrics, n_show))

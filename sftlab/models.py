@@ -146,6 +146,19 @@ def resolve_attention(name: str | None, device_type: str, training: bool, config
     return None
 
 
+def bf16_native(device_type: str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA device that supports bf16, or a CPU with AVX-512 BF16 or AMX
+    tiles. Elsewhere (AVX2-only or plain AVX-512 CPUs) bf16 is emulated, and fp32 is usually as fast or faster
+    (docs/benchmarks.md, "CPUs with and without AMX"): `sftlab demo` picks its precision with this."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def warn_remote_code(path: Path) -> list[Path]:
     """`model.trust_remote_code`: say which code files of the model directory transformers may run."""
     import warnings

@@ -26,6 +26,9 @@ def test_demo_config(tmp_path):
     assert cfg.eval.data == [str(data["heldout_instances"]), str(data["heldout_tasks"])]
     assert cfg.eval.base is None and cfg.eval.max_new_tokens == 16
     assert cfg.audit.enabled and not cfg.audit.generate and cfg.audit.few_shot == 0 and cfg.audit.limit_per_task
+    assert cfg.train.precision == "bf16-master" and cfg.audit.dtype == "bf16"
+    slow_bf16 = demo_config(tmp_path, data, "default", [], bf16=False)  # a CPU without native bf16
+    assert slow_bf16.train.precision == "fp32" and slow_bf16.audit.dtype == "fp32"
 
 
 def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):

@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from ..data.pipeline import DataReport, iter_examples
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
-from ..models import load_tokenizer
+from ..models import bf16_native, load_tokenizer
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .components import apply_lora, load_training_model, lr_lambda
 from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
@@ -184,6 +185,10 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     if t.precision == "bf16-master" and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(f"train.precision=bf16-master works in one process or under DDP; with "
                          f"{accelerator.distributed_type.name} use precision: bf16 (its own mixed precision)")
+    if t.precision != "fp32" and not bf16_native(accelerator.device.type):
+        warnings.warn(f"train.precision={t.precision}: bf16 is not native on this {accelerator.device.type} (no "
+                      f"AVX-512 BF16 or AMX): bf16 matmuls are emulated, usually slower than fp32 "
+                      f"(docs/benchmarks.md, 'CPUs with and without AMX')", stacklevel=2)
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     tmpl = resolve_template(cfg.data.template, tokenizer)
