@@ -178,7 +178,9 @@ def main() -> None:
               + ", flash/bmm " + ", ".join(f"{k} {v['flash_over_bmm']:.2f}x" for k, v in m.items())
               + (f"; long step after short ones, trim 1 GiB / off {result['malloc']['ratio_trim_1GiB_over_off']:.2f}x"
                  if "malloc" in result else ""))
-    print(json.dumps(result))
+    from machine import cpu_facts  # benchmarks/machine.py
+
+    print(json.dumps({**result, "machine": cpu_facts()}))
 
 
 if __name__ == "__main__":

@@ -277,6 +277,9 @@ def main(argv=None) -> dict:
               f"examples/s = {result['ratio']}x; ids match {check['tokens_match']}/{check['compared']}, masks match "
               f"{check['mask_match']}/{check['compared']} (+{check['mask_diff_trailing_separator_only']} differing "
               "only in the separator after <|im_end|>)", highlight=False)
+    from machine import cpu_facts  # benchmarks/machine.py
+
+    result["machine"] = cpu_facts()
     print(json.dumps(result), flush=True)
     return result
 

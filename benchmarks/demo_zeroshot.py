@@ -61,7 +61,9 @@ def main() -> None:
                       f"{ca:.0%}", repr(pairs[0][1][:48]))
     Console().print(table)
     err.print(f"[green]done[/] {len(rows)} prompts in {dt:.0f}s ({len(rows) / dt:.2f} prompts/s)", highlight=False)
-    print(json.dumps({"model": args.model, "seconds": round(dt, 1), "families": result}))
+    from machine import cpu_facts  # benchmarks/machine.py
+
+    print(json.dumps({"model": args.model, "seconds": round(dt, 1), "families": result, "machine": cpu_facts()}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def main() -> None:
     score_s = time.perf_counter() - t1
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses)
     print("\n".join(summary_lines(result)))
-    print(json.dumps({"model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    from machine import cpu_facts  # benchmarks/machine.py
+
+    print(json.dumps({"machine": cpu_facts(), "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                       "batch_size": args.batch_size, "generate_s": round(gen_s, 1), "score_s": round(score_s, 1),
                       "response_tokens": new_tokens, **{k: result[k] for k in
                       ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")}}))

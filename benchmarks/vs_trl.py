@@ -728,7 +728,10 @@ def _run(args, workdir: Path, err) -> dict:
               f"optimizer {ceil['optimizer_s']:.3g} s -> at most "
               f"{ceiling[f'max_fraction_of_{args.precision}_peak']:.0%} of the {args.precision} peak")
 
+    from machine import cpu_facts  # benchmarks/machine.py
+
     common = {"model": args.model if not args.arch else f"{args.arch} (random init)", "device": args.device,
+              "machine": cpu_facts(),
               "precision": args.precision, "threads": args.threads if args.device == "cpu" else None,
               "examples": len(examples), "batch_size": args.batch_size, "max_length": args.max_length,
               "steps_timed": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
