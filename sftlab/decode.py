@@ -204,7 +204,8 @@ def _new_cache(n_layers: int) -> Cache:
     return Cache(layers=[GrowingLayer() for _ in range(n_layers)])
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `prompts`, left-padded to the longest."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -237,7 +238,7 @@ class _Model:
 
 def _prefill(m: _Model, index: list[int], prompts: list[list[int]], pad_id: int, sampling: Sampling,
              device) -> _Rows:
-    ids, mask = _left_pad([prompts[i] for i in index], pad_id, device)
+    ids, mask = left_pad([prompts[i] for i in index], pad_id, device)
     cache = _new_cache(m.n_layers)
     logits = m.last_logits(ids, mask, _positions(mask), cache)
     return _Rows(list(index), mask, cache, sampling.choose(logits))

@@ -102,18 +102,6 @@ def decode_reply(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> 
     return text.strip()
 
 
-def left_pad(batch: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[i, width - len(ids):] = 1
-    return input_ids, attention
-
-
 def decode_stops(tmpl: ChatTemplate, tokenizer):
     """The decode loop's stop rule: the end-of-turn id (or its text, for a multi-token marker) and EOS."""
     from .decode import Stops
@@ -153,6 +141,8 @@ def generate_ids(model, tokenizer, tmpl: ChatTemplate, encoded: list[list[int]],
 def _generate_hf(model, tokenizer, tmpl, encoded, budgets, decoding, batch_size, on_batch) -> list[list[int]]:
     """transformers' `generate`, for models whose cache the decode loop does not handle."""
     import torch
+
+    from .decode import left_pad
 
     out: list[list[int]] = [[] for _ in encoded]
     device = next(model.parameters()).device

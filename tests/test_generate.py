@@ -14,7 +14,8 @@ from sftlab.data.formats import Conversation, Message
 from sftlab.data.template import end_of_turn_ids, end_of_turn_text, render_conversation, resolve_template
 from sftlab.config import DataConfig
 from sftlab.data.tokenize import IGNORE, protected_pattern, tokenize_rendered
-from sftlab.generate import (Decoding, left_pad, decode_reply, encode_prompt, generate,
+from sftlab.decode import left_pad
+from sftlab.generate import (Decoding, decode_reply, encode_prompt, generate,
                              generation_config, split_reference, stop_markers)
 
 from conftest import make_tiny_llama
