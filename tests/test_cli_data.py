@@ -157,6 +157,26 @@ def test_inspect_warns_about_special_token_text(tmp_path, runner):
     assert "2 examples kept of 2 records" in result.stderr
 
 
+def test_inspect_warns_about_single_label_t0_tasks(shared_data, tmp_path, runner):
+    """The shared T0 files whose references are one label only are flagged, with their majority baseline."""
+    t0 = shared_data / "t0-mixture"
+    files = [str(t0 / f"{name}.jsonl") for name in ("imdb_Movie_Expressed_Sentiment",
+                                                    "rotten_tomatoes_Movie_Expressed_Sentiment",
+                                                    "ag_news_classify_question_first")]
+    result = runner.invoke(app, ["data", "inspect", *files, "--strip", "<|endoftext|>", "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    dists = stats["answer_distributions"]
+    assert dists["imdb_Movie_Expressed_Sentiment"]["labels"] == {"negative": 200}
+    assert dists["rotten_tomatoes_Movie_Expressed_Sentiment"]["labels"] == {"positive": 200}
+    ag = dists["ag_news_classify_question_first"]
+    assert len(ag["labels"]) == 2 and ag["majority_baseline"] == max(ag["labels"].values()) / 200
+    flagged = [w.split("'")[1] for w in stats["answer_warnings"]]
+    assert flagged[:2] == ["imdb_Movie_Expressed_Sentiment", "rotten_tomatoes_Movie_Expressed_Sentiment"]
+    result = runner.invoke(app, ["data", "inspect", *files, "--strip", "<|endoftext|>"])
+    assert result.exit_code == 0 and "one answer only" in result.stdout and "majority baseline" in result.stdout
+
+
 def test_cli_bad_arguments_exit_nonzero(tmp_path, runner):
     out = tmp_path / "o.jsonl"
     result = runner.invoke(app, ["data", "tokenize", str(tmp_path / "nope.jsonl"), "--out", str(out)])

@@ -140,9 +140,13 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     assert m["training_tasks"] == ["seen"]
     res = m["results"]["model"]
     assert set(res["tasks"]) == {"seen", "unseen"} and res["tasks"]["seen"]["seen"] is True
-    assert set(res["tasks"]["seen"]) == {"n", "seen", "nll", "exact_match", "rouge_l", "accuracy"}
+    assert set(res["tasks"]["seen"]) == {"n", "seen", "nll", "exact_match", "rouge_l", "accuracy", "majority_baseline",
+                                         "degenerate"}
     assert set(res["macro"]) == {"all", "seen", "unseen"}
     assert m["data"]["label_sets"] == {"seen": ["no", "yes"], "unseen": ["no", "yes"]}
+    assert res["tasks"]["seen"]["majority_baseline"] == 0.5 and not res["tasks"]["seen"]["degenerate"]
+    assert res["macro"]["all"]["majority_baseline"] == 0.5 and res["macro"]["all"]["degenerate_tasks"] == 0
+    assert m["data"]["answer_warnings"] == []
     qa_res = res["general"]["qa"][str(qa)]
     assert qa_res["n"] == 3 and set(qa_res) == {"n", "gold_nll", "exact_match", "contains"}
     txt = res["general"]["text"][str(text)]
@@ -171,6 +175,31 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     assert all(g["base"] == g["model"] for g in gens)
     lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     assert sum(r["model"] == "model" and r["kind"] == "task" for r in lines) == 8
+
+
+def test_eval_sets_the_majority_baseline_beside_accuracy_and_warns(tmp_path, tiny_model_dir):
+    """A single-label task and an imbalanced one get their majority baseline and a warning; a free-text task none."""
+    from sftlab.config import EvalConfig
+    from sftlab.evaluate.evaluate import evaluate
+
+    rows = ([{"prompt": f"Review {i}: sentiment?", "completion": "Negative.", "task": "one_label"} for i in range(6)]
+            + [{"prompt": f"Topic {i}?", "completion": "sports" if i < 9 else "world", "task": "skewed"}
+               for i in range(10)]
+            + [{"prompt": f"Story {i}?", "completion": f"a story about {i} dragons", "task": "free"} for i in range(4)])
+    data = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    con = quiet()
+    m = evaluate(EvalConfig(data=[str(data)], max_new_tokens=2, bootstrap=20), str(tiny_model_dir),
+                 tmp_path / "eval", DataConfig(task_field="task"), console=con)
+    tasks = m["results"]["model"]["tasks"]
+    assert tasks["one_label"]["majority_baseline"] == 1.0 and tasks["one_label"]["degenerate"]
+    assert tasks["skewed"]["majority_baseline"] == 0.9 and tasks["skewed"]["degenerate"]
+    assert tasks["free"]["majority_baseline"] is None and not tasks["free"]["degenerate"]
+    assert m["results"]["model"]["macro"]["all"]["degenerate_tasks"] == 2
+    assert m["data"]["answer_distributions"]["skewed"]["labels"] == {"sports": 9, "world": 1}
+    warnings = m["data"]["answer_warnings"]
+    assert len(warnings) == 2 and "'one_label': 6 of 6 references are 'negative' (one answer only)" in warnings[0]
+    assert "'skewed': 9 of 10" in warnings[1] and "90%" in warnings[1]
+    assert "one answer only" in con.file.getvalue()
 
 
 def test_eval_gold_nll_is_min_over_golds(eval_inputs, tokenizer, tiny_model):

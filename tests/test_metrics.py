@@ -72,3 +72,26 @@ def test_rouge_l_and_generation_exact_match():
     rows = [{"generation": g, "reference": r} for g, r in (("1", "1"), ("2", "1"), ("yes", "Yes."), ("x", None))]
     assert exact_match_of_generations(rows) == (2 / 3, 3)  # rows without a reference are not counted
     assert exact_match_of_generations(rows[3:]) == (None, 0)
+
+
+def test_answer_distribution_majority_baseline_on_an_imbalanced_set():
+    from sftlab.data.answers import answer_distribution, answer_warning, degenerate
+
+    refs = ["Positive."] * 14 + ["negative"] * 4 + ["neutral"] * 2  # 70 % / 20 % / 10 %
+    d = answer_distribution(refs)
+    assert d["labels"] == {"positive": 14, "negative": 4, "neutral": 2} and list(d["labels"]) == ["positive",
+                                                                                                     "negative", "neutral"]
+    assert d["majority"] == "positive" and d["majority_baseline"] == pytest.approx(0.7) and d["n"] == 20
+    assert not d["single_label"] and not d["imbalanced"] and not degenerate(d)
+    # always answering the majority label scores exactly the baseline in exact match
+    assert sum(exact_match("positive", r) for r in refs) / len(refs) == pytest.approx(d["majority_baseline"])
+    skewed = answer_distribution(["yes"] * 8 + ["no"] * 2)
+    assert skewed["imbalanced"] and skewed["majority_baseline"] == 0.8 and degenerate(skewed)
+    one = answer_distribution(["negative"] * 5)
+    assert one["single_label"] and one["majority_baseline"] == 1.0
+    assert answer_warning("imdb", one) == ("task 'imdb': 5 of 5 references are 'negative' (one answer only): "
+                                           "always answering it scores 100% exact match / accuracy")
+    assert answer_distribution([f"answer number {i}" for i in range(10)]) is None  # free text
+    assert answer_distribution(["a", "b", "c", "d"] * 6, max_labels=3) is None  # more labels than a label set
+    assert answer_distribution(["only"]) is None  # one example says nothing
+    assert not degenerate(None)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from ..io import atomic_write
 from ..config import DataConfig
+from .answers import answer_distribution, answer_warning, degenerate
 from .pipeline import DataReport, iter_examples, record_progress
 from .tokenize import IGNORE
 
@@ -65,8 +68,12 @@ def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json
     lengths, trained = [], []
     n_tokens = n_trained = 0
     sample = None
+    references: dict[str, list[str]] = defaultdict(list)
     with record_progress(inputs, console, "inspect") as tick:
         for ex, conv in iter_examples(inputs, tokenizer, opts, report, on_record=tick, with_conversation=True):
+            answers = [m.content for m in conv.messages if m.role == "assistant"]
+            if answers:
+                references[str(conv.task)].append(answers[-1])
             t = sum(1 for x in ex.labels if x != IGNORE) if ex.weights is None else sum(w == 1.0 for w in ex.weights)
             lengths.append(len(ex.input_ids))
             trained.append(t)
@@ -82,6 +89,9 @@ def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json
         "template": opts.template, "loss_on": opts.loss_on, "max_length": opts.max_length,
         "train_reasoning": opts.train_reasoning,
     })
+    dists = {t: answer_distribution(r) for t, r in sorted(references.items())}
+    stats["answer_distributions"] = {t: d for t, d in dists.items() if d}
+    stats["answer_warnings"] = [answer_warning(t, d) for t, d in dists.items() if degenerate(d)]
     if as_json:
         print(json.dumps(stats, indent=2))
     else:
@@ -131,6 +141,17 @@ def _print_inspect(stats: dict, report: DataReport, sample, tokenizer, console: 
         for task, n in sorted(stats["tasks"].items(), key=lambda kv: -kv[1]):
             tt.add_row(str(task), f"{n:,}")
         out.print(tt)
+    if stats["answer_distributions"]:
+        at = Table(title="answers from a small set (classification-like tasks): the majority baseline is the exact "
+                         "match of always giving the commonest")
+        for col in ("task", "n", "answers", "commonest", "majority baseline"):
+            at.add_column(col, justify="left" if col in ("task", "commonest") else "right")
+        for task, d in stats["answer_distributions"].items():
+            at.add_row(escape(task), f"{d['n']:,}", str(len(d["labels"])), escape(d["majority"]),
+                       f"{d['majority_baseline']:.0%}" + (" [yellow](!)[/]" if degenerate(d) else ""))
+        out.print(at)
+    for line in stats["answer_warnings"]:
+        out.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     for line in report.invalid.examples[:5]:
         out.print(f"[yellow]invalid[/] {line}", highlight=False)
     if report.special_text:

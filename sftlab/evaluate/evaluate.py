@@ -18,13 +18,16 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
       "training_tasks": [str] | null,        # from the training's OUT/summary.json beside OUT/model, null if unknown
       "data": {"files": [str], "examples": int, "report": DataReport.as_dict(),
                "qa_invalid": {"total": int, "by_reason": {reason: int}, "first": [str]},   # skipped QA records
-               "label_sets": {task: [label] | null}, "generation_budgets": {task: int}},
+               "label_sets": {task: [label] | null}, "generation_budgets": {task: int},
+               "answer_distributions": {task: data.answers.answer_distribution | null},
+               "answer_warnings": [str]},              # single-label or imbalanced tasks
       "results": {                           # "base" only with --base
         "model" | "base": {
-          "tasks": {task: {"n", "seen": bool | null, "nll", "exact_match", "rouge_l", "accuracy"}},
+          "tasks": {task: {"n", "seen": bool | null, "nll", "exact_match", "rouge_l", "accuracy",
+                           "majority_baseline": float | null, "degenerate": bool}},  # EM/acc of the commonest answer
           "macro": {"all": MACRO, "seen": MACRO | null, "unseen": MACRO | null},   # seen/unseen only
                    # when training_tasks is known; MACRO = {"tasks", "n", "nll", "exact_match",
-                   # "rouge_l", "accuracy"} (means over tasks)
+                   # "rouge_l", "accuracy", "majority_baseline"} (means over tasks) + "degenerate_tasks": int
           "general": {"qa": {file: {"n", "gold_nll", "exact_match", "contains"}},
                       "text": {file: {"windows", "tokens", "nll", "perplexity"}}}}},
       "deltas": null | {                     # model minus base; DELTA = {"delta", "ci95": [lo, hi], "n"}
@@ -58,10 +61,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import layout
 from ..config import DataConfig, EvalConfig
+from ..data.answers import answer_warning, degenerate
 from ..data.formats import Conversation
 from ..data.load import expand_paths
 from ..generate import generate
@@ -172,8 +177,9 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
     return out
 
 
-def summarise_model(rows: dict, training_tasks) -> dict:
-    s = generalization.summarise_tasks(rows["tasks"], training_tasks) if rows["tasks"] else {"tasks": {}, "macro": {}}
+def summarise_model(rows: dict, training_tasks, answers: dict | None = None) -> dict:
+    s = (generalization.summarise_tasks(rows["tasks"], training_tasks, answers) if rows["tasks"]
+         else {"tasks": {}, "macro": {}})
     s["general"] = {"qa": {p: forgetting.summarise_qa(r) for p, r in rows["qa"].items()},
                     "text": {p: forgetting.summarise_text(n) for p, n in rows["text"].items()}}
     return s
@@ -264,6 +270,7 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
     if not (inp.items or inp.qa or inp.text or prompts):
         raise ValueError("no valid example to evaluate in the given files")
     labels = generalization.task_label_sets(inp.items, cfg.max_labels)
+    answers = generalization.task_answer_distributions(inp.items, cfg.max_labels)
     budgets = generalization.generation_budgets(inp.items, tokenizer, cfg.max_new_tokens)
 
     rows: dict[str, dict] = {}
@@ -279,7 +286,7 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
         del lm
         gc.collect()
 
-    results = {role: summarise_model(r, training_tasks) for role, r in rows.items()}
+    results = {role: summarise_model(r, training_tasks, answers) for role, r in rows.items()}
     deltas = few = None
     if "base" in rows:
         deltas = {"tasks": {}, "macro": {}}
@@ -307,7 +314,9 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
         "data": {"files": [str(p) for p in cfg.data], "examples": len(inp.items), "report": inp.report.as_dict(),
                  "qa_invalid": {"total": inp.qa_invalid.total, "by_reason": dict(inp.qa_invalid.counts),
                                 "first": inp.qa_invalid.examples},
-                 "label_sets": labels, "generation_budgets": budgets},
+                 "label_sets": labels, "generation_budgets": budgets,
+                 "answer_distributions": answers,
+                 "answer_warnings": [answer_warning(t, d) for t, d in answers.items() if degenerate(d)]},
         "results": results, "deltas": deltas, "few_shot": few,
         "generations": side_by_side(inp, rows, cfg.generations),
         "ifeval": ifeval_responses.section({role: r["ifeval"] for role, r in rows.items()}, cfg.bootstrap,
@@ -336,6 +345,8 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
             lines += [f"vs base: {k} {100 * v['delta']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
                       for k, v in d.items() if k in ifeval_score.FIGURES]
         Console().print("\n".join(lines), highlight=False, markup=False)
+    for line in metrics["data"]["answer_warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     if inp.report.special_text:
         console.print("[bold yellow]warning:[/] data text contains control-token strings, scored as plain text: "
                       + ", ".join(f"{k!r} x{v}" for k, v in inp.report.special_text.items())
@@ -363,18 +374,29 @@ TASK_COLS = (("nll", "NLL", False), ("exact_match", "EM %", True), ("rouge_l", "
              ("accuracy", "acc %", True))
 
 
+def _majority_cell(v: dict) -> str:
+    """The majority baseline beside EM/accuracy: flagged for a degenerate task, counted for a macro group."""
+    cell = _fmt(v.get("majority_baseline"), True)
+    if v.get("degenerate"):
+        cell += " (!)"
+    if v.get("degenerate_tasks"):
+        cell += f" ({v['degenerate_tasks']} degenerate)"
+    return cell
+
+
 def print_summary(m: dict, out: Console) -> None:
     res, deltas = m["results"]["model"], m["deltas"] or {}
     if res["tasks"]:
         t = Table(title="task metrics: model" + (" (Δ vs base [95% CI])" if deltas else ""))
-        for name in ("task", "seen", "n") + tuple(c[1] for c in TASK_COLS):
+        for name in ("task", "seen", "n") + tuple(c[1] for c in TASK_COLS) + ("majority %",):
             t.add_column(name, justify="left" if name == "task" else "right")
         rows = [(k, v, deltas.get("tasks", {}).get(k, {})) for k, v in res["tasks"].items()]
         rows += [(f"macro ({k})", v, deltas.get("macro", {}).get(k) or {}) for k, v in res["macro"].items() if v]
         for name, v, d in rows:
             seen = v.get("seen")
             t.add_row(name, "" if seen is None else ("seen" if seen else "unseen"), str(v["n"]),
-                      *[_fmt(v[key], pct) + _fmt_delta(d.get(key), pct) for key, _, pct in TASK_COLS])
+                      *[_fmt(v[key], pct) + _fmt_delta(d.get(key), pct) for key, _, pct in TASK_COLS],
+                      _majority_cell(v))
         out.print(t)
     gen = res["general"]
     if gen["qa"] or gen["text"]:

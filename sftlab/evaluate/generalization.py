@@ -30,6 +30,7 @@ from ..data.load import expand_paths
 from ..config import DataConfig
 from ..data.pipeline import DataReport, encode_conversations, iter_conversations, iter_examples, keep_examples
 from ..data.template import resolve_template
+from ..data.answers import answer_distribution, degenerate
 from ..data.tokenize import Example, protected_pattern
 from ..lm import GEN_MARGIN
 from .metrics import exact_match, label_set, normalise_answer, paired_bootstrap_ci, predict_label, rouge_l
@@ -135,8 +136,20 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarise_tasks(rows: list[dict], training_tasks: list[str] | None) -> dict:
-    """{"tasks": {task: {n, seen, nll, exact_match, rouge_l, accuracy}}, "macro": {"all"|"seen"|"unseen": ...}}"""
+def task_answer_distributions(items: list[TaskItem], max_labels: int = 20) -> dict[str, dict | None]:
+    """Per task: `answers.answer_distribution` of its references (None where they are free text)."""
+    refs: dict[str, list[str]] = defaultdict(list)
+    for it in items:
+        refs[it.task].append(it.reference)
+    return {t: answer_distribution(r, max_labels) for t, r in sorted(refs.items())}
+
+
+def summarise_tasks(rows: list[dict], training_tasks: list[str] | None,
+                    answers: dict[str, dict | None] | None = None) -> dict:
+    """{"tasks": {task: {n, seen, nll, exact_match, rouge_l, accuracy, majority_baseline, degenerate}},
+    "macro": {"all"|"seen"|"unseen": ...}}; with `answers` (`task_answer_distributions`), each task's majority
+    baseline (None for free-text answers) and whether it is single-label or imbalanced, and per macro group
+    the mean majority baseline and the number of such degenerate tasks."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(r)
@@ -146,6 +159,9 @@ def summarise_tasks(rows: list[dict], training_tasks: list[str] | None) -> dict:
         rs = by_task[t]
         tasks[t] = {"n": len(rs), "seen": None if seen is None else t in seen,
                     **{m: _mean(_metric_values(rs, m)) for m in METRICS}}
+        if answers is not None:
+            dist = answers.get(t)
+            tasks[t].update(majority_baseline=dist["majority_baseline"] if dist else None, degenerate=degenerate(dist))
     macro = {"all": _macro(tasks, lambda v: True)}
     if seen is not None:
         macro["seen"] = _macro(tasks, lambda v: v["seen"])
@@ -159,6 +175,9 @@ def _macro(tasks: dict, keep) -> dict | None:
         return None
     out = {"tasks": len(chosen), "n": sum(v["n"] for v in chosen)}
     out.update({m: _mean(v[m] for v in chosen) for m in METRICS})
+    if "majority_baseline" in chosen[0]:
+        out["majority_baseline"] = _mean(v["majority_baseline"] for v in chosen)
+        out["degenerate_tasks"] = sum(v["degenerate"] for v in chosen)
     return out
 
 

@@ -10,27 +10,7 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
-
-def normalise_answer(text: str) -> str:
-    """Lowercase, drop punctuation (ASCII and Unicode), collapse whitespace; numbers keep their sign and decimal
-    point ("-5" is not "5", "3.5" is not "35")."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("\u2212", "-")  # minus sign
-    kept = []
-    for i, ch in enumerate(text):
-        if ch.isspace():
-            kept.append(" ")
-        elif not unicodedata.category(ch).startswith("P") or _numeric_mark(text, i):
-            kept.append(ch)
-    return " ".join("".join(kept).split())
-
-
-def _numeric_mark(text: str, i: int) -> bool:
-    """A sign before a number ("-5" at a word start) or a decimal point between digits ("3.5")."""
-    ch, prev = text[i], text[i - 1] if i else " "
-    nxt = text[i + 1] if i + 1 < len(text) else " "
-    if ch == "-":
-        return nxt.isdigit() and (prev.isspace() or i == 0 or prev in "([{")
-    return ch == "." and prev.isdigit() and nxt.isdigit()
+from ..data.answers import normalise_answer  # noqa: F401  (defined with the data it describes; used here)
 
 
 def _refs(reference: str | Iterable[str]) -> list[str]:

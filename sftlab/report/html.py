@@ -234,11 +234,22 @@ def section_tasks(runs: list[Run]) -> str:
             for key, _, pct, lower in TASK_METRICS:
                 row += [_num(b.get(key) if b else None, pct=pct), _num(v.get(key), pct=pct),
                         _delta(d.get(key), pct, lower)]
-            rows.append(row)
+            majority = _num(v.get("majority_baseline"), pct=True)
+            if v.get("degenerate"):
+                majority += " ⚠"
+            if v.get("degenerate_tasks"):
+                majority += f" ({v['degenerate_tasks']} degenerate)"
+            rows.append(row + [majority])
         headers = ["task", "seen", "n"]
         for _, label, _, _ in TASK_METRICS:
             headers += [f"{label} base", f"{label} model", f"Δ {label} [95% CI]"]
+        headers.append("majority baseline %")
         parts.append(_table(headers, rows, num_cols=set(range(2, len(headers)))))
+        warnings = (ev.get("data") or {}).get("answer_warnings") or []
+        if warnings:
+            parts.append("<p><b>Accuracy needs its baseline</b> (majority baseline: the exact match / accuracy of "
+                         "always giving the task's commonest answer):</p><ul>"
+                         + "".join(f"<li>{escape(w)}</li>" for w in warnings) + "</ul>")
         few = ev.get("few_shot")
         if few:
             rows = [[escape(label), _num(few["base_k_shot"]["macro"]["all"][key], pct=pct),
