@@ -175,6 +175,15 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     assert all(g["base"] == g["model"] for g in gens)
     lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     assert sum(r["model"] == "model" and r["kind"] == "task" for r in lines) == 8
+    # every row can be read alone: FILE:LINE, the reference (gold answers and question for QA), the generation
+    task_rows = [r for r in lines if r["kind"] == "task" and r["model"] == "model"]
+    for r in task_rows:
+        line = int(r["where"].rsplit(":", 1)[1])
+        i = int(json.loads(data.read_text().splitlines()[line - 1])["messages"][0]["content"].split()[1])
+        assert r["reference"] == ("yes" if i % 2 == 0 else "no") and "generation" in r
+    qa_rows = [r for r in lines if r["kind"] == "qa" and r["model"] == "model"]
+    assert [r["question"] for r in qa_rows] == ["Capital of France?", "2+3?", "Sky colour?"]
+    assert qa_rows[0]["answers"] == ["Paris", "paris, France"] and qa_rows[1]["answers"] == ["5"]
 
 
 def test_eval_sets_the_majority_baseline_beside_accuracy_and_warns(tmp_path, tiny_model_dir):

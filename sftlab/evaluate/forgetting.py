@@ -109,8 +109,10 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
 
 
 def qa_rows(items: list[QaItem], gold_nll: list[float], generations: list[str]) -> list[dict]:
-    """Per question: gold_nll (min over gold answers), exact_match, contains, generation."""
-    return [{"where": it.where, "gold_nll": nll, "exact_match": float(exact_match(gen, it.answers)),
+    """Per question (with its text and gold answers): gold_nll (min over gold answers), exact_match, contains,
+    generation."""
+    return [{"where": it.where, "question": it.question, "answers": list(it.answers), "gold_nll": nll,
+             "exact_match": float(exact_match(gen, it.answers)),
              "contains": float(contains_answer(gen, it.answers)), "generation": gen}
             for it, nll, gen in zip(items, gold_nll, generations, strict=True)]
 

@@ -113,14 +113,16 @@ def task_label_sets(items: list[TaskItem], max_labels: int = 20) -> dict[str, li
 
 def score_task_rows(items: list[TaskItem], nlls, generations: list[str],
                     labels: dict[str, list[str] | None]) -> list[dict]:
-    """Per example: task, nll (mean nats/token), tokens, exact_match, rouge_l, correct (None: no label set)."""
+    """Per example (`where` = FILE:LINE, its reference): task, nll (mean nats/token), tokens, exact_match, rouge_l,
+    correct (None: no label set), generation."""
     rows = []
     for it, nll, gen in zip(items, nlls, generations, strict=True):
         lab = labels.get(it.task)
         correct = None
         if lab is not None:
             correct = float(predict_label(gen, lab) == normalise_answer(it.reference))
-        rows.append({"where": it.where, "task": it.task, "nll": nll.mean, "tokens": nll.tokens,
+        rows.append({"where": it.where, "task": it.task, "reference": it.reference, "nll": nll.mean,
+                     "tokens": nll.tokens,
                      "exact_match": float(exact_match(gen, it.reference)), "rouge_l": rouge_l(gen, it.reference),
                      "correct": correct, "generation": gen})
     return rows
