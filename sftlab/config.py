@@ -230,6 +230,9 @@ class EvalConfig(Strict):
     general_limit: int | None = Field(None, ge=1, description="N questions per general file (None: limit)")
     question_field: str = Field("question", description="QA question field")
     answer_field: str = Field("answer", description="QA gold answer field (string or list)")
+    choices_field: str = Field("choices", description="QA options field, where a record has one (a list of "
+                               "strings holding a gold answer): choice_accuracy ranks the options by mean NLL, a "
+                               "measure a change of answer style cannot move alone")
     qa_prompt: str = Field("{question}", description="User message for a QA probe, with {question}")
     few_shot: int = Field(0, ge=0, description="K: base with K shots vs tuned zero-shot on held-out tasks")
     generations: int = Field(5, ge=0, description="Side-by-side generations kept in metrics.json and the report")

@@ -148,7 +148,9 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     assert res["macro"]["all"]["majority_baseline"] == 0.5 and res["macro"]["all"]["degenerate_tasks"] == 0
     assert m["data"]["answer_warnings"] == []
     qa_res = res["general"]["qa"][str(qa)]
-    assert qa_res["n"] == 3 and set(qa_res) == {"n", "gold_nll", "exact_match", "contains"}
+    assert qa_res["n"] == 3 and set(qa_res) == {"n", "gold_nll", "exact_match", "contains", "choice_accuracy",
+                                                "n_choice"}
+    assert qa_res["choice_accuracy"] is None and qa_res["n_choice"] == 0  # no options in this probe
     txt = res["general"]["text"][str(text)]
     assert txt["perplexity"] == pytest.approx(math.exp(txt["nll"]))
     # identical weights -> identical scores -> zero deltas with zero-width intervals

@@ -92,8 +92,9 @@ def test_report_sections_escaped_self_contained(report):
     assert imgs and all(src.startswith("data:image/png;base64,") for src in imgs)
     # audit scatter x2, loss, per-task bars (NLL, ROUGE-L) x2, trade-off
     assert len(imgs) == 2 + 1 + 4 + 1
-    # forgetting with CIs: full-ft's gold NLL rose significantly (red), lora's CI [0.03, 0.07] too
-    assert "+0.300 [+0.280, +0.320]" in page and "class='bad'>+0.300" in page
+    # forgetting with CIs: full-ft's gold NLL rose significantly, shown but not coloured (a change of answer
+    # format alone moves it: forgetting.FORMAT_SENSITIVE)
+    assert "<span>+0.300 [+0.280, +0.320]</span>" in page and "gold_nll (format-sensitive)" in page
     assert "verdict-known" in page and "full-ft" in page and "lora" in page
 
 

@@ -22,6 +22,7 @@ REASONS = {
     "no_trained_tokens": "no token is trained",
     "empty_file": "file holds no records",
     "unreadable_file": "file cannot be read (corrupt, truncated, or gone)",
+    "bad_choices": "multiple-choice options without a gold answer",
 }
 
 

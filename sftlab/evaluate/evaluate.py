@@ -28,12 +28,13 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
           "macro": {"all": MACRO, "seen": MACRO | null, "unseen": MACRO | null},   # seen/unseen only
                    # when training_tasks is known; MACRO = {"tasks", "n", "nll", "exact_match",
                    # "rouge_l", "accuracy", "majority_baseline"} (means over tasks) + "degenerate_tasks": int
-          "general": {"qa": {file: {"n", "gold_nll", "exact_match", "contains"}},
+          "general": {"qa": {file: {"n", "gold_nll", "exact_match", "contains", "choice_accuracy": float | null,
+                                    "n_choice": int}},   # gold_nll is format-sensitive (forgetting.py)
                       "text": {file: {"windows", "tokens", "nll", "perplexity"}}}}},
       "deltas": null | {                     # model minus base; DELTA = {"delta", "ci95": [lo, hi], "n"}
         "tasks": {task: {metric: DELTA | null}},
         "macro": {"all" | "seen" | "unseen": {metric: DELTA | null} | null},
-        "general": {"qa": {file: {"gold_nll" | "exact_match" | "contains": DELTA}},
+        "general": {"qa": {file: {"gold_nll" | "exact_match" | "contains" | "choice_accuracy": DELTA | null}},
                     "text": {file: {"nll": DELTA, "perplexity_ratio": float}}}},
       "few_shot": null | {"k": int, "tasks": [str], "n": int,
                           "base_k_shot": {"tasks", "macro"}, "model_zero_shot": {"tasks", "macro"},
@@ -119,7 +120,8 @@ def prepare(cfg: EvalConfig, data_opts: DataConfig, tokenizer, tmpl, training_ta
     for path in expand_paths(cfg.general) if cfg.general else []:
         qa[str(path)] = forgetting.read_qa([path], tokenizer, tmpl, cfg.question_field, cfg.answer_field,
                                            cfg.qa_prompt, cfg.limit if cfg.general_limit is None else cfg.general_limit,
-                                           data_opts.skip_invalid, qa_invalid, data_opts.max_length, cfg.seed)
+                                           data_opts.skip_invalid, qa_invalid, data_opts.max_length, cfg.seed,
+                                           cfg.choices_field)
     text = {str(p): forgetting.read_text_windows(p, tokenizer, cfg.text_window, cfg.text_field, cfg.limit)
             for p in cfg.text}
     few, few_tasks = [], []
@@ -162,7 +164,12 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
             nlls = example_nll(model, gold, pad, batch_tokens, bar(f"{name} gold NLL", len(gold)))
             gens = generate(model, tokenizer, [it.prompt for it in items], tmpl, cfg.qa_max_new_tokens,
                             batch_size=cfg.batch_size, on_batch=bar(f"{name} generation", len(items)))
-            out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens)
+            options = [ex for it in items for ex in it.choices]
+            choice = None
+            if options:
+                choice = forgetting.choice_correct(items, example_nll(model, options, pad, batch_tokens,
+                                                                      bar(f"{name} options NLL", len(options))))
+            out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens, choice)
         for path, windows in inp.text.items():
             out["text"][path] = example_nll(model, windows, pad, batch_tokens,
                                             bar(f"{Path(path).name} perplexity", len(windows)))
@@ -188,8 +195,12 @@ def summarise_model(rows: dict, training_tasks, answers: dict | None = None) -> 
 def general_deltas(base: dict, tuned: dict, n_resamples: int, seed: int) -> dict:
     out = {"qa": {}, "text": {}}
     for path, rows in tuned["qa"].items():
-        out["qa"][path] = {m: generalization.delta_entry([r[m] for r in base["qa"][path]], [r[m] for r in rows], None, None,
-                                             n_resamples, seed) for m in forgetting.QA_METRICS}
+        out["qa"][path] = {}
+        for m in forgetting.QA_METRICS:
+            pairs = [(b, t) for b, t in zip(forgetting.qa_values(base["qa"][path], m), forgetting.qa_values(rows, m))
+                     if b is not None and t is not None]
+            out["qa"][path][m] = generalization.delta_entry([b for b, _ in pairs], [t for _, t in pairs], None, None,
+                                                            n_resamples, seed) if pairs else None
     for path, nlls in tuned["text"].items():
         b = base["text"][path]
         entry = generalization.delta_entry([n.mean for n in b], [n.mean for n in nlls], None, [n.tokens for n in nlls],
@@ -407,10 +418,15 @@ def print_summary(m: dict, out: Console) -> None:
         for kind, metric_names in (("qa", forgetting.QA_METRICS), ("text", ("nll", "perplexity"))):
             for path, v in gen[kind].items():
                 for metric in metric_names:
-                    pct = metric in ("exact_match", "contains")
+                    if v.get(metric) is None:  # choice_accuracy of a probe without options
+                        continue
+                    pct = metric in ("exact_match", "contains", "choice_accuracy")
                     b = base.get(kind, {}).get(path, {}).get(metric) if base else None
                     d = (deltas.get("general", {}).get(kind, {}).get(path, {}) or {}).get(metric)
-                    t.add_row(Path(path).name, metric, _fmt(b, pct), _fmt(v[metric], pct), _fmt_delta(d, pct).strip(" ()"))
+                    label = metric + (" (format-sensitive)" if kind == "qa" and metric in forgetting.FORMAT_SENSITIVE
+                                      else "")
+                    t.add_row(Path(path).name, label, _fmt(b, pct), _fmt(v[metric], pct),
+                              _fmt_delta(d, pct).strip(" ()"))
         out.print(t)
     if m["few_shot"]:
         f = m["few_shot"]
@@ -436,8 +452,11 @@ def metrics_line(m: dict) -> str:
         if d:
             parts.append(f"Δ NLL vs base {d['nll']['delta']:+.3f} [{d['nll']['ci95'][0]:+.3f}, {d['nll']['ci95'][1]:+.3f}]")
     for path, v in res["general"]["qa"].items():
-        parts.append(f"{Path(path).parent.name}/{Path(path).name}: gold NLL {v['gold_nll']:.3f}, "
-                     f"EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% (n={v['n']})")
+        choice = (f"choice accuracy {100 * v['choice_accuracy']:.1f}% (n={v['n_choice']}), "
+                  if v.get("choice_accuracy") is not None else "")
+        parts.append(f"{Path(path).parent.name}/{Path(path).name}: {choice}gold NLL {v['gold_nll']:.3f} "
+                     f"(format-sensitive), EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% "
+                     f"(n={v['n']})")
     for path, v in res["general"]["text"].items():
         parts.append(f"{Path(path).name}: perplexity {v['perplexity']:.2f}")
     if m.get("ifeval"):

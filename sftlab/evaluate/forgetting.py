@@ -10,6 +10,12 @@ or a list of them, e.g. Natural Questions open):
   normalised gold answer.
 - `contains`: any normalised gold answer occurs as whole words inside the normalised generation (the
   lenient variant for chatty models; reported beside exact match, never instead of it).
+- `choice_accuracy` (records with a `choices` field: a list of options holding a gold answer): each option is
+  scored as the reply, like a gold answer; correct when the option with the lowest mean NLL per token is a gold
+  one. The options share the question and the answer format, so a model that merely learned to answer in
+  another style (shorter, say) moves every option alike: this is the probe's format-independent measure.
+  `gold_nll` is not: a tuned model that answers tersely makes any short gold answer likelier without knowing
+  more, so it is labelled format-sensitive and never coloured better or worse.
 `prompt(question)` is `--qa-prompt` with `{question}` filled in (default: the question alone).
 
 Perplexity (`--text FILE`): `.txt` files are one document; `.jsonl`/`.json` files hold one document per
@@ -21,7 +27,7 @@ Perplexity = exp(total NLL / predicted tokens).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from ..data.pipeline import DataReport, encode_conversations, keep_examples
 from ..config import DataConfig
 from ..data.tokenize import Example
 from ..data.validate import DataError, InvalidLog, Location
-from .metrics import contains_answer, exact_match
+from .metrics import contains_answer, exact_match, normalise_answer
 
 
 @dataclass
@@ -41,6 +47,8 @@ class QaItem:
     answers: list[str]
     prompt: str
     gold: list[Example]  # one tokenized conversation per usable gold answer
+    choices: list[Example] = field(default_factory=list)  # one per option, where the record has options
+    gold_choices: frozenset[int] = frozenset()  # the options that are gold answers
 
 
 def _answers(value, where: Location, field: str) -> list[str]:
@@ -54,7 +62,21 @@ def _answers(value, where: Location, field: str) -> list[str]:
     return answers
 
 
-def _qa_record(where: Location, rec, question_field: str, answer_field: str) -> tuple[str, list[str]]:
+def _choices(rec: dict, where: Location, choices_field: str, answers: list[str]) -> list[str]:
+    """The record's options ([] where it has none); at least two, one of them a gold answer."""
+    if rec.get(choices_field) is None:
+        return []
+    value = rec[choices_field]
+    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value) or len(value) < 2:
+        raise DataError(where, "wrong_type", f"{choices_field!r} must be a list of at least two non-empty strings")
+    golds = {normalise_answer(a) for a in answers}
+    if not any(normalise_answer(c) in golds for c in value):
+        raise DataError(where, "bad_choices", f"no option in {choices_field!r} is a gold answer")
+    return [c.strip() for c in value]
+
+
+def _qa_record(where: Location, rec, question_field: str, answer_field: str,
+               choices_field: str = "choices") -> tuple[str, list[str], list[str]]:
     if isinstance(rec, DataError):
         raise rec
     if not isinstance(rec, dict):
@@ -65,12 +87,14 @@ def _qa_record(where: Location, rec, question_field: str, answer_field: str) -> 
     question = rec[question_field]
     if not isinstance(question, str) or not question.strip():
         raise DataError(where, "wrong_type", f"{question_field!r} must be a non-empty string")
-    return question, _answers(rec[answer_field], where, answer_field)
+    answers = _answers(rec[answer_field], where, answer_field)
+    return question, answers, _choices(rec, where, choices_field, answers)
 
 
 def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question", answer_field: str = "answer",
             prompt_format: str = "{question}", limit: int | None = None, skip_invalid: bool = False,
-            invalid: InvalidLog | None = None, max_length: int | None = None, seed: int = 0) -> list[QaItem]:
+            invalid: InvalidLog | None = None, max_length: int | None = None, seed: int = 0,
+            choices_field: str = "choices") -> list[QaItem]:
     """The valid QA records of every file (with `limit`: a seeded random sample of that many per file, in file
     order), with their gold answers tokenized for scoring."""
     from .generalization import sample_records
@@ -83,7 +107,7 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
     def valid(path):
         for where, rec in read_records(path):
             try:
-                yield where, *_qa_record(where, rec, question_field, answer_field)
+                yield where, *_qa_record(where, rec, question_field, answer_field, choices_field)
             except DataError as e:
                 if not skip_invalid:
                     raise
@@ -92,7 +116,7 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
     items: list[QaItem] = []
     for path in expand_paths(inputs):
         records = list(valid(path)) if limit is None else sample_records(valid(path), limit, f"{seed}:{path.name}")
-        for where, question, answers in records:
+        for where, question, answers, options in records:
             prompt = prompt_format.replace("{question}", question)
             convs = [Conversation([Message("user", prompt), Message("assistant", a)], None, where) for a in answers]
             # a gold answer the length policy drops (or that fails to render) is not a usable gold answer
@@ -104,17 +128,46 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
                     raise e
                 invalid.add(e)
                 continue
-            items.append(QaItem(str(where), question, answers, prompt, gold))
+            choices: list[Example] = []
+            if options:
+                convs = [Conversation([Message("user", prompt), Message("assistant", c)], None, where) for c in options]
+                choices = [ex for _, ex in keep_examples(encode_conversations(convs, tokenizer, tmpl, tok_opts), True,
+                                                         DataReport())]
+                if len(choices) != len(options):
+                    e = DataError(where, "template", "an option could not be tokenized as a response (too long?)")
+                    if not skip_invalid:
+                        raise e
+                    invalid.add(e)
+                    continue
+            golds = {normalise_answer(a) for a in answers}
+            items.append(QaItem(str(where), question, answers, prompt, gold, choices,
+                                frozenset(i for i, c in enumerate(options) if normalise_answer(c) in golds)))
     return items
 
 
-def qa_rows(items: list[QaItem], gold_nll: list[float], generations: list[str]) -> list[dict]:
+def choice_correct(items: list[QaItem], nlls) -> list[float | None]:
+    """Per question: 1.0 when its option with the lowest mean NLL is a gold one, else 0.0; None without options.
+    `nlls` are the flat per-option NLLs in `items` order."""
+    out, k = [], 0
+    for it in items:
+        if not it.choices:
+            out.append(None)
+            continue
+        means = [n.mean for n in nlls[k:k + len(it.choices)]]
+        k += len(it.choices)
+        out.append(float(min(range(len(means)), key=means.__getitem__) in it.gold_choices))
+    return out
+
+
+def qa_rows(items: list[QaItem], gold_nll: list[float], generations: list[str],
+            choice: list[float | None] | None = None) -> list[dict]:
     """Per question (with its text and gold answers): gold_nll (min over gold answers), exact_match, contains,
-    generation."""
+    choice_correct (None without options), generation."""
+    choice = choice or [None] * len(items)
     return [{"where": it.where, "question": it.question, "answers": list(it.answers), "gold_nll": nll,
              "exact_match": float(exact_match(gen, it.answers)),
-             "contains": float(contains_answer(gen, it.answers)), "generation": gen}
-            for it, nll, gen in zip(items, gold_nll, generations, strict=True)]
+             "contains": float(contains_answer(gen, it.answers)), "choice_correct": c, "generation": gen}
+            for it, nll, gen, c in zip(items, gold_nll, generations, choice, strict=True)]
 
 
 def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
@@ -126,11 +179,22 @@ def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
     return out
 
 
-QA_METRICS = ("gold_nll", "exact_match", "contains")
+QA_METRICS = ("gold_nll", "exact_match", "contains", "choice_accuracy")
+FORMAT_SENSITIVE = frozenset({"gold_nll"})  # a change of answer style alone moves it: never read as better/worse
+
+
+def qa_values(rows: list[dict], metric: str) -> list[float | None]:
+    return [r["choice_correct" if metric == "choice_accuracy" else metric] for r in rows]
 
 
 def summarise_qa(rows: list[dict]) -> dict:
-    return {"n": len(rows), **{m: sum(r[m] for r in rows) / len(rows) if rows else None for m in QA_METRICS}}
+    """{"n", metric: mean over the questions it applies to (None where none), "n_choice": questions with options}"""
+    out = {"n": len(rows)}
+    for m in QA_METRICS:
+        values = [v for v in qa_values(rows, m) if v is not None]
+        out[m] = sum(values) / len(values) if values else None
+    out["n_choice"] = sum(r["choice_correct"] is not None for r in rows)
+    return out
 
 
 # ---- perplexity -----------------------------------------------------------------------------------------------

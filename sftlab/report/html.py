@@ -98,15 +98,16 @@ def _num(v, digits: int = 3, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else (f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}")
 
 
-def _delta(d: dict | None, pct: bool = False, lower_better: bool = False) -> str:
-    """Δ with its 95 % CI, coloured when the CI excludes zero."""
+def _delta(d: dict | None, pct: bool = False, lower_better: bool = False, neutral: bool = False) -> str:
+    """Δ with its 95 % CI, coloured when the CI excludes zero (never when `neutral`: a measure whose direction
+    does not say better or worse)."""
     if not d:
         return "–"
     s = 100 if pct else 1
     nd = 1 if pct else 3
     lo, hi = d["ci95"]
     cls = ""
-    if lo > 0 or hi < 0:
+    if (lo > 0 or hi < 0) and not neutral:
         better = (d["delta"] < 0) if lower_better else (d["delta"] > 0)
         cls = " class='good'" if better else " class='bad'"
     return f"<span{cls}>{s * d['delta']:+.{nd}f} [{s * lo:+.{nd}f}, {s * hi:+.{nd}f}]</span>"
@@ -271,18 +272,27 @@ def section_forgetting(runs: list[Run]) -> str:
         gen = ev["results"]["model"].get("general", {})
         base = (ev["results"].get("base") or {}).get("general", {})
         dg = (ev.get("deltas") or {}).get("general", {})
-        for kind, metrics in (("qa", (("gold_nll", False, True), ("exact_match", True, False), ("contains", True, False))),
+        for kind, metrics in (("qa", (("choice_accuracy", True, False), ("gold_nll", False, True),
+                                      ("exact_match", True, False), ("contains", True, False))),
                               ("text", (("nll", False, True), ("perplexity", False, True)))):
             for path, v in gen.get(kind, {}).items():
                 for key, pct, lower in metrics:
+                    if v.get(key) is None:  # choice_accuracy of a probe without options
+                        continue
                     d = (dg.get(kind, {}).get(path) or {}).get(key)
                     b = base.get(kind, {}).get(path, {}).get(key) if base else None
-                    rows.append([escape(r.name), escape(Path(path).name), escape(key), _num(b, pct=pct),
-                                 _num(v.get(key), pct=pct), _delta(d, pct, lower), _num(v.get("n", v.get("windows")))])
+                    sensitive = kind == "qa" and key == "gold_nll"
+                    n = v.get("n_choice") if key == "choice_accuracy" else v.get("n", v.get("windows"))
+                    rows.append([escape(r.name), escape(Path(path).name),
+                                 escape(key + (" (format-sensitive)" if sensitive else "")), _num(b, pct=pct),
+                                 _num(v.get(key), pct=pct), _delta(d, pct, lower, neutral=sensitive), _num(n)])
     if not rows:
         return _na("No general-knowledge probe or perplexity found (sftlab eval --general / --text).")
     note = ("<p class='muted'>Δ = model − base with paired-bootstrap 95 % CI; green: significantly better, "
-            "red: significantly worse (forgetting). EM/contains in %.</p>")
+            "red: significantly worse (forgetting). EM/contains/choice accuracy in %. choice_accuracy (the gold "
+            "option ranked first among a question's options) cannot be moved by a change of answer style alone; "
+            "the gold answer's NLL can (a model that learned to answer tersely makes any short gold answer "
+            "likelier), so its change is shown but never coloured.</p>")
     return note + _table(["run", "probe", "metric", "base", "model", "Δ [95% CI]", "n"], rows, num_cols={3, 4, 5, 6})
 
 
