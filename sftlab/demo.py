@@ -40,6 +40,7 @@ def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[st
         *precision, "train.save_every=8", "train.eval_every=8",
         "audit.limit_per_task=8",  # cheap: NLLs of 8 examples per family, no generation
         f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=32",
+        f"eval.general={j([str(data['general'])])}", "eval.qa_max_new_tokens=16",  # what it forgot
         f"eval.generations={len(FAMILIES)}",  # one per family (eval takes them task by task)
         *overrides])
 
@@ -60,6 +61,19 @@ def demo_scores(metrics: dict) -> dict[str, dict]:
             per[split] = {"families": fam, "mean": sum(fam.values()) / len(fam) if fam else None}
         out[label] = per
     return out
+
+
+def demo_general(metrics: dict) -> dict | None:
+    """The general-knowledge probe's choice accuracy before and after ({"before", "after", "delta", "ci95", "n"}),
+    None without one."""
+    qa = metrics["results"]["model"]["general"]["qa"]
+    if not qa:
+        return None
+    path, v = next(iter(qa.items()))
+    base = metrics["results"].get("base", {}).get("general", {}).get("qa", {}).get(path) or {}
+    d = ((metrics.get("deltas") or {}).get("general", {}).get("qa", {}).get(path) or {}).get("choice_accuracy")
+    return {"before": base.get("choice_accuracy"), "after": v["choice_accuracy"], "n": v["n_choice"],
+            "delta": d["delta"] if d else None, "ci95": d["ci95"] if d else None}
 
 
 def demo_generations(metrics: dict, n_show: int) -> list[dict]:
@@ -95,11 +109,16 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", override
     _print(scores["before"], scores["after"], demo_generations(metrics, n_show))
     wall = time.perf_counter() - t0
     b, a = scores["before"], scores["after"]
+    general = demo_general(metrics)
+    forgot = ""
+    if general and general["before"] is not None:
+        forgot = (f"; general knowledge (choice accuracy, {general['n']} questions) {general['before']:.0%} -> "
+                  f"{general['after']:.0%}")
     console.print(f"[green]done[/] demo in {wall / 60:.1f} min: held-out instances "
                   f"{b['heldout_instances']['mean']:.0%} -> {a['heldout_instances']['mean']:.0%}, held-out tasks "
-                  f"{b['heldout_tasks']['mean']:.0%} -> {a['heldout_tasks']['mean']:.0%} exact match; "
+                  f"{b['heldout_tasks']['mean']:.0%} -> {a['heldout_tasks']['mean']:.0%} exact match{forgot}; "
                   f"{escape(run_summary_line(log))} -> {escape(str(out))}", highlight=False, soft_wrap=True)
-    return {**scores, "stages": log["stages"], "wall_s": wall}
+    return {**scores, "general": general, "stages": log["stages"], "wall_s": wall}
 
 
 def _print(s_before, s_after, gens: list[dict]) -> None:

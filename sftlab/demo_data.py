@@ -294,13 +294,74 @@ def check(generation: str, rec: dict) -> bool:
     return exact_match(generation, rec["reference"])
 
 
+# ---- general-knowledge probe ----------------------------------------------------------------------------------
+# What the demo measures forgetting with: common facts the base model may know, unrelated to the demo's task
+# families, each with three wrong options of the same kind. `sftlab eval` ranks the four options by mean NLL
+# (`choice_accuracy`), which a change of answer style cannot move alone (docs/eval.md).
+GENERAL_FACTS = (
+    ("What is the capital of France?", "Paris", ("Berlin", "Madrid", "Rome")),
+    ("What is the capital of Japan?", "Tokyo", ("Beijing", "Seoul", "Bangkok")),
+    ("How many legs does a spider have?", "eight", ("six", "four", "ten")),
+    ("Which planet is closest to the sun?", "Mercury", ("Venus", "Mars", "Jupiter")),
+    ("What do bees make?", "honey", ("milk", "silk", "bread")),
+    ("What is frozen water called?", "ice", ("steam", "sand", "glass")),
+    ("How many days are in a week?", "seven", ("five", "six", "ten")),
+    ("Which animal is known as the king of the jungle?", "the lion", ("the tiger", "the elephant", "the wolf")),
+    ("What is the largest ocean on Earth?", "the Pacific Ocean", ("the Atlantic Ocean", "the Indian Ocean",
+                                                                 "the Arctic Ocean")),
+    ("Which gas do plants take in from the air to make food?", "carbon dioxide", ("oxygen", "nitrogen", "helium")),
+    ("At how many degrees Celsius does water boil at sea level?", "100", ("50", "0", "212")),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare", ("Charles Dickens", "Leo Tolstoy", "Mark Twain")),
+    ("What is the capital of Italy?", "Rome", ("Milan", "Paris", "Athens")),
+    ("How many continents are there?", "seven", ("five", "six", "nine")),
+    ("What is the chemical symbol for gold?", "Au", ("Ag", "Fe", "Pb")),
+    ("Which organ pumps blood through the body?", "the heart", ("the lungs", "the liver", "the brain")),
+    ("What is the largest planet in the solar system?", "Jupiter", ("Saturn", "Earth", "Neptune")),
+    ("What is the capital of Spain?", "Madrid", ("Lisbon", "Barcelona", "Rome")),
+    ("How many hours are in a day?", "24", ("12", "20", "48")),
+    ("Which metal is liquid at room temperature?", "mercury", ("iron", "copper", "silver")),
+    ("What is the capital of Germany?", "Berlin", ("Munich", "Vienna", "Paris")),
+    ("What does a caterpillar turn into?", "a butterfly", ("a spider", "a beetle", "a bee")),
+    ("What is the hardest natural material?", "diamond", ("gold", "iron", "glass")),
+    ("Which country is home to the kangaroo?", "Australia", ("Brazil", "India", "Canada")),
+    ("How many sides does a triangle have?", "three", ("four", "five", "two")),
+    ("What is the capital of Egypt?", "Cairo", ("Nairobi", "Tunis", "Riyadh")),
+    ("Which language is mainly spoken in Brazil?", "Portuguese", ("Spanish", "French", "English")),
+    ("What is the main ingredient of guacamole?", "avocado", ("tomato", "potato", "banana")),
+    ("What is the tallest animal on land?", "the giraffe", ("the elephant", "the camel", "the horse")),
+    ("On which continent is Kenya?", "Africa", ("Asia", "Europe", "South America")),
+    ("What is H2O commonly called?", "water", ("salt", "air", "sugar")),
+    ("How many minutes are in an hour?", "sixty", ("thirty", "one hundred", "twenty")),
+    ("What is the capital of Canada?", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
+    ("Which instrument has black and white keys?", "the piano", ("the guitar", "the violin", "the drum")),
+    ("Which star is closest to Earth?", "the Sun", ("Sirius", "Polaris", "Vega")),
+    ("Which bird is a symbol of peace?", "the dove", ("the crow", "the eagle", "the owl")),
+    ("At how many degrees Celsius does water freeze?", "0", ("10", "100", "-10")),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci", ("Pablo Picasso", "Vincent van Gogh", "Rembrandt")),
+    ("What do cows drink?", "water", ("milk", "juice", "coffee")),
+    ("Which season comes after winter?", "spring", ("summer", "autumn", "fall")),
+)
+
+
+def general_probe(seed: int = 0) -> list[dict]:
+    """The general-knowledge probe as QA records {"question", "answer", "choices"} (options in a seeded order)."""
+    rng = random.Random(f"sftlab-demo:{seed}:general")
+    out = []
+    for question, answer, wrong in GENERAL_FACTS:
+        choices = [answer, *wrong]
+        rng.shuffle(choices)
+        out.append({"question": question, "answer": answer, "choices": choices})
+    return out
+
+
 def write_demo_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[str, Path]:
-    """Write `train.jsonl`, `heldout_instances.jsonl`, `heldout_tasks.jsonl` under `out_dir` (atomically)."""
+    """Write `train.jsonl`, `heldout_instances.jsonl`, `heldout_tasks.jsonl` and the general-knowledge probe
+    `general.jsonl` under `out_dir` (atomically)."""
     from .io import atomic_write
 
     out_dir = Path(out_dir)
     paths = {}
-    for split, rows in build_demo_data(seed, **kwargs).items():
+    for split, rows in [*build_demo_data(seed, **kwargs).items(), ("general", general_probe(seed))]:
         paths[split] = out_dir / f"{split}.jsonl"
         with atomic_write(paths[split]) as f:
             for row in rows:

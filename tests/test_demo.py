@@ -20,11 +20,12 @@ def printed(console: Console) -> str:
 def test_demo_config(tmp_path):
     from sftlab.demo import demo_config
 
-    data = {s: tmp_path / f"{s}.jsonl" for s in ("train", "heldout_instances", "heldout_tasks")}
+    data = {s: tmp_path / f"{s}.jsonl" for s in ("train", "heldout_instances", "heldout_tasks", "general")}
     cfg = demo_config(tmp_path / "my demo: 1", data, "default", ["train.epochs=2"])
     assert cfg.output_dir == str(tmp_path / "my demo: 1") and cfg.train.epochs == 2
     assert cfg.eval.data == [str(data["heldout_instances"]), str(data["heldout_tasks"])]
     assert cfg.eval.base is None and cfg.eval.max_new_tokens == 16
+    assert cfg.eval.general == [str(data["general"])]  # forgetting, measured with the embedded probe
     assert cfg.audit.enabled and not cfg.audit.generate and cfg.audit.few_shot == 0 and cfg.audit.limit_per_task
     assert cfg.train.precision == "bf16-master" and cfg.audit.dtype == "bf16"
     slow_bf16 = demo_config(tmp_path, data, "default", [], bf16=False)  # a CPU without native bf16
@@ -45,3 +46,8 @@ def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert set(res["after"]["heldout_instances"]["families"]) <= set(TRAIN_TASKS)
     assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "data" / "train.jsonl").is_file()
     assert all(e["status"] == "complete" for e in res["stages"].values())
+    # what it forgot: the embedded general-knowledge probe, ranked by options, before and after
+    assert res["general"]["n"] == 6 and 0 <= res["general"]["before"] <= 1 and 0 <= res["general"]["after"] <= 1
+    assert "general knowledge (choice accuracy, 6 questions)" in out
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert "choice_accuracy" in page and "No general-knowledge probe" not in page

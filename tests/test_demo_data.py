@@ -149,7 +149,8 @@ def test_written_files_load_and_tokenize_through_the_pipeline(tmp_path, tokenize
     from sftlab.data.pipeline import DataReport, iter_examples
 
     paths = write_demo_data(tmp_path / "demo", seed=0)
-    assert sorted(p.name for p in paths.values()) == ["heldout_instances.jsonl", "heldout_tasks.jsonl", "train.jsonl"]
+    assert sorted(p.name for p in paths.values()) == ["general.jsonl", "heldout_instances.jsonl", "heldout_tasks.jsonl",
+                                                      "train.jsonl"]
     report = DataReport()
     examples = list(iter_examples([str(paths["train"])], tokenizer, DataConfig(task_field="task"), report))
     assert report.kept == len(examples) == 32 * len(TRAIN_TASKS) and report.invalid.total == 0
@@ -158,3 +159,21 @@ def test_written_files_load_and_tokenize_through_the_pipeline(tmp_path, tokenize
     first = json.loads(paths["train"].read_text().splitlines()[0])
     trained = tokenizer.decode([t for t in examples[0].labels if t != -100])
     assert trained == first["reference"] + "<|im_end|>"
+    from sftlab.data.template import resolve_template
+    from sftlab.evaluate.forgetting import read_qa
+
+    probe = read_qa([str(paths["general"])], tokenizer, resolve_template("default", tokenizer))
+    assert len(probe) == 40 and all(len(it.choices) == 4 and len(it.gold_choices) == 1 for it in probe)
+
+
+def test_general_probe_is_well_formed_and_seeded():
+    from sftlab.data.answers import normalise_answer
+    from sftlab.demo_data import GENERAL_FACTS, general_probe
+
+    rows = general_probe(0)
+    assert len(rows) == len(GENERAL_FACTS) == 40 and len({r["question"] for r in rows}) == 40
+    for r in rows:
+        assert len(r["choices"]) == 4 and sum(normalise_answer(c) == normalise_answer(r["answer"])
+                                              for c in r["choices"]) == 1
+    assert general_probe(0) == rows and general_probe(1) != rows  # option order is seeded
+    assert {r["choices"].index(r["answer"]) for r in rows} == {0, 1, 2, 3}  # the gold option is not always first
