@@ -233,6 +233,9 @@ class EvalConfig(Strict):
     choices_field: str = Field("choices", description="QA options field, where a record has one (a list of "
                                "strings holding a gold answer): choice_accuracy ranks the options by mean NLL, a "
                                "measure a change of answer style cannot move alone")
+    qa_distractors: int = Field(3, ge=0, description="QA records without options: rank the first gold answer "
+                                "among this many gold answers of other questions of the same form (a number for a "
+                                "number, then the nearest length); 0: choice_accuracy only for records with options")
     qa_prompt: str = Field("{question}", description="User message for a QA probe, with {question}")
     few_shot: int = Field(0, ge=0, description="K: base with K shots vs tuned zero-shot on held-out tasks")
     generations: int = Field(5, ge=0, description="Side-by-side generations kept in metrics.json and the report")

@@ -101,3 +101,29 @@ def test_terse_tuning_lowers_gold_nll_but_not_as_knowledge(tmp_path, tiny_model_
     html = section_forgetting([Run("terse", tmp_path, eval=m)])
     row = next(r for r in html.split("<tr>") if "gold_nll (format-sensitive)" in r)
     assert "class='good'" not in row and "class='bad'" not in row  # shown, never coloured
+
+
+def test_matched_distractors_have_the_gold_answers_form():
+    pool = ["1969", "Paris", "George Washington", "42", "the Eiffel Tower", "Abraham Lincoln", "1776", "red",
+            "Paris"]
+    rng = random.Random(0)
+    assert sorted(forgetting.matched_distractors(["1945"], pool, 3, rng)) == ["1776", "1969", "42"]
+    two_words = forgetting.matched_distractors(["Thomas Jefferson"], pool, 2, rng)
+    assert sorted(two_words) == ["Abraham Lincoln", "George Washington"]
+    # never one of the question's own golds, never twice the same answer
+    got = forgetting.matched_distractors(["paris", "Paris, France"], pool, 8, rng)
+    assert "Paris" not in got and len(got) == len(set(got)) == 7
+    assert forgetting.matched_distractors(["1945"], pool, 3, random.Random(1)) == \
+        forgetting.matched_distractors(["1945"], pool, 3, random.Random(1))
+
+
+def test_free_form_probe_gets_matched_options(shared_data, tokenizer):
+    """NQ-open has no options: each question's first gold answer is ranked among 3 other questions' golds."""
+    from sftlab.data.template import resolve_template
+
+    tmpl = resolve_template("default", tokenizer)
+    items = forgetting.read_qa([str(shared_data / "nq-open" / "dev.jsonl")], tokenizer, tmpl, limit=30, seed=0)
+    assert len(items) == 30 and all(len(it.choices) == 4 and len(it.gold_choices) >= 1 for it in items)
+    off = forgetting.read_qa([str(shared_data / "nq-open" / "dev.jsonl")], tokenizer, tmpl, limit=30, seed=0,
+                             distractors=0)
+    assert all(it.choices == [] for it in off)

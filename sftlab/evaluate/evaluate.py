@@ -121,7 +121,7 @@ def prepare(cfg: EvalConfig, data_opts: DataConfig, tokenizer, tmpl, training_ta
         qa[str(path)] = forgetting.read_qa([path], tokenizer, tmpl, cfg.question_field, cfg.answer_field,
                                            cfg.qa_prompt, cfg.limit if cfg.general_limit is None else cfg.general_limit,
                                            data_opts.skip_invalid, qa_invalid, data_opts.max_length, cfg.seed,
-                                           cfg.choices_field)
+                                           cfg.choices_field, cfg.qa_distractors)
     text = {str(p): forgetting.read_text_windows(p, tokenizer, cfg.text_window, cfg.text_field, cfg.limit)
             for p in cfg.text}
     few, few_tasks = [], []

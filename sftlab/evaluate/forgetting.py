@@ -10,9 +10,10 @@ or a list of them, e.g. Natural Questions open):
   normalised gold answer.
 - `contains`: any normalised gold answer occurs as whole words inside the normalised generation (the
   lenient variant for chatty models; reported beside exact match, never instead of it).
-- `choice_accuracy` (records with a `choices` field: a list of options holding a gold answer): each option is
-  scored as the reply, like a gold answer; correct when the option with the lowest mean NLL per token is a gold
-  one. The options share the question and the answer format, so a model that merely learned to answer in
+- `choice_accuracy`: a question's options — its record's own (`choices` field: a list holding a gold answer), else
+  its first gold answer among `qa_distractors` (3) gold answers of other questions of the same form
+  (`matched_distractors`) — are each scored as the reply, like a gold answer; correct when the option with the
+  lowest mean NLL per token is a gold one. The options share the question and the answer format, so a model that merely learned to answer in
   another style (shorter, say) moves every option alike: this is the probe's format-independent measure.
   `gold_nll` is not: a tuned model that answers tersely makes any short gold answer likelier without knowing
   more, so it is labelled format-sensitive and never coloured better or worse.
@@ -27,6 +28,7 @@ Perplexity = exp(total NLL / predicted tokens).
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -94,9 +96,10 @@ def _qa_record(where: Location, rec, question_field: str, answer_field: str,
 def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question", answer_field: str = "answer",
             prompt_format: str = "{question}", limit: int | None = None, skip_invalid: bool = False,
             invalid: InvalidLog | None = None, max_length: int | None = None, seed: int = 0,
-            choices_field: str = "choices") -> list[QaItem]:
+            choices_field: str = "choices", distractors: int = 3) -> list[QaItem]:
     """The valid QA records of every file (with `limit`: a seeded random sample of that many per file, in file
-    order), with their gold answers tokenized for scoring."""
+    order), with their gold answers tokenized for scoring, and their options: the record's own, else its first
+    gold answer among `distractors` matched ones (`matched_distractors`; 0: none)."""
     from .generalization import sample_records
 
     if "{question}" not in prompt_format:
@@ -116,7 +119,13 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
     items: list[QaItem] = []
     for path in expand_paths(inputs):
         records = list(valid(path)) if limit is None else sample_records(valid(path), limit, f"{seed}:{path.name}")
+        pool = [answers[0] for _, _, answers, _ in records]
+        rng = random.Random(f"{seed}:{path.name}:distractors")
         for where, question, answers, options in records:
+            own = bool(options)
+            if not own and distractors:
+                wrong = matched_distractors(answers, pool, distractors, rng)
+                options = rng.sample([answers[0], *wrong], len(wrong) + 1) if len(wrong) == distractors else []
             prompt = prompt_format.replace("{question}", question)
             convs = [Conversation([Message("user", prompt), Message("assistant", a)], None, where) for a in answers]
             # a gold answer the length policy drops (or that fails to render) is not a usable gold answer
@@ -133,7 +142,9 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
                 convs = [Conversation([Message("user", prompt), Message("assistant", c)], None, where) for c in options]
                 choices = [ex for _, ex in keep_examples(encode_conversations(convs, tokenizer, tmpl, tok_opts), True,
                                                          DataReport())]
-                if len(choices) != len(options):
+                if len(choices) != len(options) and not own:  # a matched distractor too long: no options
+                    choices, options = [], []
+                elif len(choices) != len(options):
                     e = DataError(where, "template", "an option could not be tokenized as a response (too long?)")
                     if not skip_invalid:
                         raise e
@@ -143,6 +154,28 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
             items.append(QaItem(str(where), question, answers, prompt, gold, choices,
                                 frozenset(i for i, c in enumerate(options) if normalise_answer(c) in golds)))
     return items
+
+
+def _form(answer: str) -> tuple[bool, int, int]:
+    norm = normalise_answer(answer)
+    return norm.replace(" ", "").replace(".", "").replace("-", "").isdigit(), len(norm.split()), len(norm)
+
+
+def matched_distractors(answers: list[str], pool: list[str], k: int, rng: random.Random) -> list[str]:
+    """`k` gold answers of other questions shaped like this question's first one — a number for a number, then
+    the nearest word count, then the nearest length (ties in a seeded order) — none of them one of its golds:
+    options of the same form, so a preference for short or long answers moves them all alike."""
+    golds = {normalise_answer(a) for a in answers}
+    numeric, words, chars = _form(answers[0])
+    seen, ranked = set(), []
+    for cand in pool:
+        norm = normalise_answer(cand)
+        if norm in golds or norm in seen or not norm:
+            continue
+        seen.add(norm)
+        c_numeric, c_words, c_chars = _form(cand)
+        ranked.append(((c_numeric != numeric, abs(c_words - words), abs(c_chars - chars), rng.random()), cand))
+    return [cand for _, cand in sorted(ranked)[:k]]
 
 
 def choice_correct(items: list[QaItem], nlls) -> list[float | None]:
