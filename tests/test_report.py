@@ -167,3 +167,50 @@ def test_load_run_reads_training_of_a_run_directory(tmp_path):
                                                               for i in (1, 2, 3)))
     run = load_run(tmp_path)
     assert run.summary["steps"] == 3 and [r["loss"] for r in run.train_log] == [1.9, 1.8, 1.7]
+
+
+def test_load_run_finds_the_audit_its_training_data_was_selected_from(tmp_path):
+    """An audit written elsewhere (`sftlab audit --out A`, `sftlab select A --out sel.jsonl`, training on sel.jsonl)
+    is found from the training dir, and from an eval of its model, without passing it as a second run."""
+    src = make_run(tmp_path / "src", "audited", 0.1, 0.0)
+    audit = tmp_path / "somewhere" / "my-audit"
+    shutil.copytree(src / "audit", audit)
+    sel = tmp_path / "data" / "sel.jsonl"
+    sel.parent.mkdir()
+    sel.write_text("")
+    (tmp_path / "data" / "sel.summary.json").write_text(json.dumps({"audit_dir": str(audit), "strategy": "ifd-top"}))
+    train = tmp_path / "out"
+    (train / "model").mkdir(parents=True)
+    (train / "summary.json").write_text(json.dumps({"steps": 3}))
+    (train / "config.yaml").write_text(f"data:\n  train:\n  - {sel}\n")
+    run = load_run(train)
+    assert run.audit_dir == audit and run.audit_tasks["tasks"]["ag_news"]["verdict"] == "known"
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    metrics = fake_eval(0.1, 0.0)
+    metrics["model"] = str(train / "model")
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    run = load_run(ev)
+    assert run.audit_dir == audit and len(run.audit_rows) == 12
+    page = write_report([ev], tmp_path / "r.html", quiet()).read_text()
+    assert "found through its selection" in page and str(audit) in page
+
+
+def test_task_rows_link_to_their_worst_examples(tmp_path):
+    from sftlab.report.html import worst_examples
+
+    run = make_run(tmp_path, "run", 0.2, 0.0)
+    rows = []
+    for i in range(5):
+        for role, gen in (("model", f"answer {i} {EVIL}"), ("base", f"base answer {i}")):
+            rows.append({"model": role, "kind": "task", "where": f"t.jsonl:{i + 1}", "task": "ag_news",
+                         "reference": f"ref {i}", "generation": gen, "exact_match": float(i == 4),
+                         "rouge_l": i / 10, "nll": 1.0 + i})
+    rows.append({"model": "model", "kind": "qa", "where": "q.jsonl:1", "generation": "x"})
+    (run / "eval" / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    worst = worst_examples(load_run(run).eval_rows)
+    assert [r["where"] for r in worst["ag_news"]] == ["t.jsonl:1", "t.jsonl:2", "t.jsonl:3"]  # wrong, low ROUGE-L
+    assert worst["ag_news"][0]["base_generation"] == "base answer 0"
+    page = write_report([run], tmp_path / "r.html", quiet()).read_text()
+    assert "<a href='#worst-0-0'>ag_news</a>" in page and "<details id='worst-0-0'>" in page
+    assert "base answer 0" in page and "base answer 4" not in page and EVIL not in page  # escaped

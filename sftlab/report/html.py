@@ -47,7 +47,9 @@ class Run:
     train_log: list[dict] = field(default_factory=list)
     audit_rows: list[dict] = field(default_factory=list)
     audit_tasks: dict | None = None
+    audit_dir: Path | None = None  # where the audit was found (the run's own, or linked: `linked_audits`)
     eval: dict | None = None
+    eval_rows: list[dict] = field(default_factory=list)  # the eval's task rows (examples.jsonl), model and base
 
 
 def _read_json(path: Path) -> dict | None:
@@ -57,6 +59,30 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def linked_audits(path: Path, eval_metrics: dict | None) -> list[Path]:
+    """Audits a run's training data came from, wherever they were written: the training's config (the run's own
+    training dir, or the one that wrote the evaluated model) names its data files, and a file `sftlab select`
+    wrote has FILE.summary.json beside it naming its `audit_dir`."""
+    import yaml
+
+    train_dirs = [path / layout.TRAIN_DIR, path]
+    if eval_metrics and eval_metrics.get("model"):
+        summary = layout.training_summary_of(Path(eval_metrics["model"]))
+        if summary is not None:
+            train_dirs.append(summary.parent)
+    found = []
+    for d in train_dirs:
+        try:
+            cfg = yaml.safe_load((d / layout.TRAIN_CONFIG).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for f in (cfg.get("data") or {}).get("train") or []:
+            summary = _read_json(layout.selection_summary(Path(f)))
+            if isinstance(summary, dict) and summary.get("audit_dir"):
+                found.append(Path(summary["audit_dir"]))
+    return found
 
 
 def load_run(path: str | Path, parts: tuple[str, ...] = ("train", "audit", "eval")) -> Run:
@@ -72,17 +98,21 @@ def load_run(path: str | Path, parts: tuple[str, ...] = ("train", "audit", "eval
             train_dir = path
         run.summary = _read_json(train_dir / layout.TRAIN_SUMMARY)
         run.train_log = read_jsonl(train_dir / layout.TRAIN_METRICS)
-    for audit in (path / layout.AUDIT_DIR, path) if "audit" in parts else ():
-        if (audit / layout.AUDIT_TASKS).is_file() or (audit / layout.AUDIT_EXAMPLES).is_file() and \
-                audit.name == layout.AUDIT_DIR:
-            run.audit_tasks = _read_json(audit / layout.AUDIT_TASKS)
-            run.audit_rows = read_jsonl(audit / layout.AUDIT_EXAMPLES)
-            break
     for ev in (path / layout.EVAL_DIR / layout.EVAL_METRICS, path / layout.EVAL_METRICS) if "eval" in parts else ():
         data = _read_json(ev)
         if isinstance(data, dict) and "schema_version" in data and "results" in data:
             run.eval = data
+            run.eval_rows = [row for row in read_jsonl(ev.parent / layout.EVAL_EXAMPLES)
+                             if row.get("kind") == "task"] if (ev.parent / layout.EVAL_EXAMPLES).is_file() else []
             break
+    if "audit" in parts:
+        here = [path / layout.AUDIT_DIR] + ([path] if (path / layout.AUDIT_TASKS).is_file() else [])
+        for audit in here + linked_audits(path, run.eval):
+            if (audit / layout.AUDIT_TASKS).is_file() or (audit / layout.AUDIT_EXAMPLES).is_file():
+                run.audit_tasks = _read_json(audit / layout.AUDIT_TASKS)
+                run.audit_rows = read_jsonl(audit / layout.AUDIT_EXAMPLES)
+                run.audit_dir = audit
+                break
     if not (run.summary or run.train_log or run.audit_tasks or run.audit_rows or run.eval):
         raise ValueError(f"{path}: nothing to report (no summary.json, metrics.jsonl, audit/tasks.json or "
                          "eval/metrics.json)")
@@ -171,6 +201,10 @@ def section_audit(runs: list[Run]) -> str:
         if not (r.audit_tasks or r.audit_rows):
             continue
         parts.append(f"<h3>{escape(r.name)}</h3>")
+        if r.audit_dir is not None and r.audit_dir.resolve() != (r.path / layout.AUDIT_DIR).resolve() and \
+                r.audit_dir.resolve() != r.path.resolve():
+            parts.append(f"<p class='muted'>Audit of the training data, found through its selection: "
+                         f"{escape(str(r.audit_dir))}</p>")
         tasks = (r.audit_tasks or {}).get("tasks") or {}
         if isinstance(tasks, list):  # tolerate a list of {"task": ...} objects
             tasks = {str(t.get("task")): t for t in tasks if isinstance(t, dict)}
@@ -210,9 +244,35 @@ def _scaled(v: float | None, scale: float) -> float | None:
     return None if v is None else v * scale
 
 
+WORST = 3  # examples shown per task
+
+
+def worst_examples(rows: list[dict], k: int = WORST) -> dict[str, list[dict]]:
+    """Per task, the model's `k` worst examples (wrong first, then lowest ROUGE-L, then highest NLL), each with the
+    base model's generation for the same record where the eval had a base."""
+    base = {r["where"]: r.get("generation") for r in rows if r.get("model") == "base"}
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("model") == "model":
+            by_task.setdefault(str(r.get("task")), []).append(r)
+    key = lambda r: (r.get("exact_match") or 0.0, r.get("rouge_l") or 0.0, -(r.get("nll") or 0.0))  # noqa: E731
+    return {t: [{**r, "base_generation": base.get(r["where"])} for r in sorted(rs, key=key)[:k]]
+            for t, rs in by_task.items()}
+
+
+def _worst_details(anchor: str, task: str, rows: list[dict]) -> str:
+    table = _table(["record", "reference", "model", "base", "EM", "ROUGE-L", "NLL"],
+                   [[escape(str(r.get("where"))), _text(r.get("reference"), 500), _text(r.get("generation"), 500),
+                     _text(r.get("base_generation"), 500), _num(r.get("exact_match"), pct=True),
+                     _num(r.get("rouge_l"), pct=True), _num(r.get("nll"))] for r in rows],
+                   num_cols={4, 5, 6}, text_cols={1, 2, 3})
+    return (f"<details id='{anchor}'><summary>{escape(task)}: the {len(rows)} worst examples "
+            f"(examples.jsonl)</summary>{table}</details>")
+
+
 def section_tasks(runs: list[Run]) -> str:
     parts = []
-    for r in runs:
+    for ri, r in enumerate(runs):
         ev = r.eval
         if not ev or not ev["results"]["model"].get("tasks"):
             continue
@@ -229,9 +289,12 @@ def section_tasks(runs: list[Run]) -> str:
         entries = [(t, v, base["tasks"][t] if base else None, deltas.get(t, {})) for t, v in model["tasks"].items()]
         entries += [(f"macro ({k})", v, (base or {}).get("macro", {}).get(k) if base else None, macro_d.get(k) or {})
                     for k, v in model["macro"].items() if v]
+        worst = worst_examples(r.eval_rows)
+        anchors = {t: f"worst-{ri}-{i}" for i, t in enumerate(model["tasks"]) if worst.get(t)}
         for name, v, b, d in entries:
             seen = v.get("seen")
-            row = [escape(name), "" if seen is None else ("seen" if seen else "unseen"), _num(v.get("n"))]
+            cell = f"<a href='#{anchors[name]}'>{escape(name)}</a>" if name in anchors else escape(name)
+            row = [cell, "" if seen is None else ("seen" if seen else "unseen"), _num(v.get("n"))]
             for key, _, pct, lower in TASK_METRICS:
                 row += [_num(b.get(key) if b else None, pct=pct), _num(v.get(key), pct=pct),
                         _delta(d.get(key), pct, lower)]
@@ -246,6 +309,7 @@ def section_tasks(runs: list[Run]) -> str:
             headers += [f"{label} base", f"{label} model", f"Δ {label} [95% CI]"]
         headers.append("majority baseline %")
         parts.append(_table(headers, rows, num_cols=set(range(2, len(headers)))))
+        parts += [_worst_details(anchors[t], t, worst[t]) for t in model["tasks"] if t in anchors]
         warnings = (ev.get("data") or {}).get("answer_warnings") or []
         if warnings:
             parts.append("<p><b>Accuracy needs its baseline</b> (majority baseline: the exact match / accuracy of "
