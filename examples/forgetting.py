@@ -7,8 +7,10 @@ rate). Variants, each with the same data and steps:
   kl        KL to the base model's next-token distribution on trained positions (train.kl_to_base)
   lora      a LoRA adapter instead of all weights
   interp    weight-space interpolation of `none` with the base, θ = (1-α)·θ_base + α·θ_tuned (sftlab merge --interpolate)
-Each model is evaluated on held-out examples of the task (the gain) and on NQ-open dev questions (gold-answer NLL,
-exact match, contains: the forgetting), paired with the base model's scores on the same items (bootstrap 95 % CIs).
+Each model is evaluated on held-out examples of the task (the gain) and on NQ-open dev questions (the forgetting:
+choice accuracy — each gold answer ranked among three other questions' gold answers of the same form, a measure a
+change of answer style cannot move alone; beside it exact match, contains and the gold-answer NLL, which is
+format-sensitive), paired with the base model's scores on the same items (bootstrap 95 % CIs).
 Writes results.json, a table, and forgetting.png (task gain vs forgetting).
 
     python examples/forgetting.py --out runs/forgetting
@@ -125,7 +127,8 @@ def main() -> None:
         result["variants"][v] = {
             "task_rouge_l": paired(task_b, task_m, "rouge_l"), "task_nll": paired(task_b, task_m, "nll"),
             "nq_gold_nll": paired(qa_b, qa_m, "gold_nll", None), "nq_exact_match": paired(qa_b, qa_m, "exact_match", None),
-            "nq_contains": paired(qa_b, qa_m, "contains", None)}
+            "nq_contains": paired(qa_b, qa_m, "contains", None),
+            "nq_choice_accuracy": paired(qa_b, qa_m, "choice_correct", None)}
         s = models.get(v + "_summary")
         if s:
             result["variants"][v]["weight_change"] = s["weight_change"]["overall"]
@@ -134,13 +137,14 @@ def main() -> None:
 
     t = Table(title=f"narrow fine-tuning on {args.task}: task gain vs forgetting on NQ-open "
                     f"({args.nq} questions), delta vs base [95% CI]")
-    for col in ("variant", "task ROUGE-L Δ", "task NLL Δ", "NQ gold NLL Δ (forgetting ↑)", "NQ contains Δ", "NQ EM Δ"):
+    for col in ("variant", "task ROUGE-L Δ", "task NLL Δ", "NQ choice accuracy Δ (forgetting ↓)",
+                "NQ gold NLL Δ (format-sensitive)", "NQ contains Δ", "NQ EM Δ"):
         t.add_column(col)
     c = lambda x, pct=False: (f"{x['delta']:+.1%} [{x['ci95'][0]:+.1%}, {x['ci95'][1]:+.1%}]" if pct  # noqa: E731
                               else f"{x['delta']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]")
     for v, r in result["variants"].items():
-        t.add_row(v, c(r["task_rouge_l"], True), c(r["task_nll"]), c(r["nq_gold_nll"]), c(r["nq_contains"], True),
-                  c(r["nq_exact_match"], True))
+        t.add_row(v, c(r["task_rouge_l"], True), c(r["task_nll"]), c(r["nq_choice_accuracy"], True),
+                  c(r["nq_gold_nll"]), c(r["nq_contains"], True), c(r["nq_exact_match"], True))
     Console().print(t)
     plot(result, args.out / "forgetting.png")
     console.print(f"done in {result['wall_s'] / 60:.1f} min -> {args.out / 'results.json'}, {args.out / 'forgetting.png'}")
@@ -154,13 +158,14 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for v, r in result["variants"].items():
-        x, y = r["nq_gold_nll"], r["task_rouge_l"]
+        acc, y = r["nq_choice_accuracy"], r["task_rouge_l"]  # forgetting: the choice accuracy lost, in points
+        x = {"delta": -100 * acc["delta"], "ci95": [-100 * acc["ci95"][1], -100 * acc["ci95"][0]]}
         ax.errorbar(x["delta"], y["delta"] * 100, xerr=[[x["delta"] - x["ci95"][0]], [x["ci95"][1] - x["delta"]]],
                     yerr=[[(y["delta"] - y["ci95"][0]) * 100], [(y["ci95"][1] - y["delta"]) * 100]], fmt="o", capsize=3)
         ax.annotate(v, (x["delta"], y["delta"] * 100), textcoords="offset points", xytext=(6, 4))
     ax.axvline(0, color="grey", lw=0.8)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("forgetting: NQ-open gold-answer NLL increase (nats/token)")
+    ax.set_xlabel("forgetting: NQ-open choice accuracy lost (points)")
     ax.set_ylabel(f"task gain: {result['task']} ROUGE-L Δ (points)")
     ax.set_title("task gain vs forgetting (up-left is better)")
     fig.tight_layout()
