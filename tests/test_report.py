@@ -214,3 +214,18 @@ def test_task_rows_link_to_their_worst_examples(tmp_path):
     page = write_report([run], tmp_path / "r.html", quiet()).read_text()
     assert "<a href='#worst-0-0'>ag_news</a>" in page and "<details id='worst-0-0'>" in page
     assert "base answer 0" in page and "base answer 4" not in page and EVIL not in page  # escaped
+
+
+def test_tradeoff_reads_forgetting_from_the_format_independent_measure(tmp_path):
+    from sftlab.report.html import Run, section_tradeoff
+
+    runs = []
+    for name, acc in (("a", -0.10), ("b", 0.02)):
+        m = fake_eval(0.3, 0.5)
+        m["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"] = _delta(acc)
+        runs.append(Run(name, tmp_path, eval=m))
+    html = section_tradeoff(runs)
+    assert "choice accuracy lost" in html and "forgetting (points)" in html
+    assert "<td class='num'>10.000</td>" in html  # run a lost 10 points of choice accuracy
+    del runs[1].eval["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"]  # not common: next measure
+    assert "NLL/token of the first text file" in section_tradeoff(runs)

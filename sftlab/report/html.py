@@ -385,30 +385,54 @@ def section_ifeval(runs: list[Run]) -> str:
                          num_cols={2, 3, 4, 5}) + "".join(parts)
 
 
+# forgetting measures for the trade-off plot, preferred first: the first that every run has is used
+FORGETTING_MEASURES = {
+    "choice_accuracy": "forgetting: choice accuracy lost on the general probe (points, higher = more forgotten)",
+    "text_nll": "forgetting: Δ NLL/token of the first text file (nats, higher = more forgotten)",
+    "gold_nll": "forgetting: Δ general-probe gold-answer NLL (nats; format-sensitive: a change of answer style "
+                "alone moves it)",
+}
+
+
 def tradeoff_point(run: Run) -> dict | None:
-    """Task gain (−Δ macro NLL on seen tasks, else all) and forgetting (Δ gold NLL of the first QA probe,
-    else Δ NLL/token of the first text file)."""
+    """Task gain (−Δ macro NLL on seen tasks, else all) and each forgetting measure the run has
+    (`FORGETTING_MEASURES`: −Δ choice accuracy in points, Δ NLL/token of the first text file, Δ gold NLL of the
+    first QA probe), with 95 % intervals."""
     d = (run.eval or {}).get("deltas") or {}
     macro = d.get("macro") or {}
     task = (macro.get("seen") or macro.get("all") or {}).get("nll")
     general = d.get("general") or {}
-    forget = next((v["gold_nll"] for v in general.get("qa", {}).values()), None) or \
-        next((v["nll"] for v in general.get("text", {}).values()), None)
-    if not task or not forget:
+    qa = next(iter(general.get("qa", {}).values()), None) or {}
+    text = next(iter(general.get("text", {}).values()), None) or {}
+    forgetting = {}
+    if qa.get("choice_accuracy"):
+        a = qa["choice_accuracy"]
+        forgetting["choice_accuracy"] = (-100 * a["delta"], [-100 * a["ci95"][1], -100 * a["ci95"][0]])
+    if text.get("nll"):
+        forgetting["text_nll"] = (text["nll"]["delta"], text["nll"]["ci95"])
+    if qa.get("gold_nll"):
+        forgetting["gold_nll"] = (qa["gold_nll"]["delta"], qa["gold_nll"]["ci95"])
+    if not task or not forgetting:
         return None
     return {"name": run.name, "gain": -task["delta"], "gain_ci": [-task["ci95"][1], -task["ci95"][0]],
-            "forgetting": forget["delta"], "forgetting_ci": forget["ci95"]}
+            "measures": forgetting}
 
 
 def section_tradeoff(runs: list[Run]) -> str:
     points = [p for p in (tradeoff_point(r) for r in runs) if p]
-    if len(points) < 2:
+    measure = next((m for m in FORGETTING_MEASURES if points and all(m in p["measures"] for p in points)), None)
+    if len(points) < 2 or measure is None:
         return _na("The trade-off plot needs at least two runs evaluated against their base with task data and a "
-                   "general probe (found %d)." % len(points))
+                   "general probe or text file in common (found %d)." % len(points))
+    for p in points:
+        p["forgetting"], p["forgetting_ci"] = p["measures"][measure]
+    unit = "points" if measure == "choice_accuracy" else "nats"
     rows = [[escape(p["name"]), _num(p["gain"]), f"[{p['gain_ci'][0]:+.3f}, {p['gain_ci'][1]:+.3f}]",
              _num(p["forgetting"]), f"[{p['forgetting_ci'][0]:+.3f}, {p['forgetting_ci'][1]:+.3f}]"] for p in points]
-    return (_img(plots.tradeoff(points), "task gain vs forgetting")
-            + _table(["run", "task gain (nats)", "95% CI", "forgetting (nats)", "95% CI"], rows, num_cols={1, 2, 3, 4}))
+    return (f"<p class='muted'>{escape(FORGETTING_MEASURES[measure])}</p>"
+            + _img(plots.tradeoff(points, FORGETTING_MEASURES[measure]), "task gain vs forgetting")
+            + _table(["run", "task gain (nats)", "95% CI", f"forgetting ({unit})", "95% CI"], rows,
+                     num_cols={1, 2, 3, 4}))
 
 
 def section_generations(runs: list[Run], n: int) -> str:

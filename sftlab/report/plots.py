@@ -106,7 +106,8 @@ def task_bars(tasks: dict[str, dict], metric: str, label: str) -> str | None:
     return png_base64(fig)
 
 
-def tradeoff(points: list[dict]) -> str | None:
+def tradeoff(points: list[dict], xlabel: str = "forgetting: Δ general-probe gold-answer NLL (nats, higher = more "
+                                                   "forgotten)") -> str | None:
     """Task gain against forgetting, one point per run, with 95 % CI error bars.
 
     `points`: [{"name", "forgetting", "forgetting_ci": [lo, hi], "gain", "gain_ci": [lo, hi]}]."""
@@ -122,7 +123,7 @@ def tradeoff(points: list[dict]) -> str | None:
         ax.annotate(p["name"], (p["forgetting"], p["gain"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("forgetting: Δ general-probe gold-answer NLL (nats, higher = more forgotten)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("task gain: −Δ macro task NLL (nats, higher = better)")
     ax.grid(alpha=0.3)
     return png_base64(fig)
