@@ -290,8 +290,8 @@ def fill_holes(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Rows `keep` (sorted) to stay: (order, dst, src) where the last kept rows move into the first leaving
     rows' slots (`dst[i] <- src[i]`), so that the first len(keep) slots hold them in `order`; only moved rows are
     copied."""
-    k = len(keep)
-    holes = [r for r in range(k) if r not in set(keep)]
+    k, staying = len(keep), set(keep)
+    holes = [r for r in range(k) if r not in staying]
     movers = [r for r in keep if r >= k]
     order = list(range(k))
     for d, r in zip(holes, movers):

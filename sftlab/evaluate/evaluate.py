@@ -280,8 +280,8 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
     prompts = ifeval_score.load_prompts(cfg.ifeval_inputs, cfg.ifeval_limit, cfg.seed) if cfg.ifeval else []
     if not (inp.items or inp.qa or inp.text or prompts):
         raise ValueError("no valid example to evaluate in the given files")
-    labels = generalization.task_label_sets(inp.items, cfg.max_labels)
     answers = generalization.task_answer_distributions(inp.items, cfg.max_labels)
+    labels = generalization.label_sets(answers)
     budgets = generalization.generation_budgets(inp.items, tokenizer, cfg.max_new_tokens)
 
     rows: dict[str, dict] = {}

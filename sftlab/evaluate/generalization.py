@@ -33,7 +33,7 @@ from ..data.template import resolve_template
 from ..data.answers import answer_distribution, degenerate
 from ..data.tokenize import Example, protected_pattern
 from ..lm import GEN_MARGIN
-from .metrics import exact_match, label_set, normalise_answer, paired_bootstrap_ci, predict_label, rouge_l
+from .metrics import exact_match, labels_of, normalise_answer, paired_bootstrap_ci, predict_label, rouge_l
 
 METRICS = ("nll", "exact_match", "rouge_l", "accuracy")
 
@@ -105,10 +105,13 @@ def generation_budgets(items: list[TaskItem], tokenizer, max_new_tokens: int,
 
 
 def task_label_sets(items: list[TaskItem], max_labels: int = 20) -> dict[str, list[str] | None]:
-    refs: dict[str, list[str]] = defaultdict(list)
-    for it in items:
-        refs[it.task].append(it.reference)
-    return {t: label_set(r, max_labels) for t, r in refs.items()}
+    """Per task: `metrics.label_set` of its references (None: accuracy does not apply)."""
+    return label_sets(task_answer_distributions(items, max_labels))
+
+
+def label_sets(answers: dict[str, dict | None]) -> dict[str, list[str] | None]:
+    """The label sets of `task_answer_distributions`."""
+    return {t: labels_of(d) for t, d in answers.items()}
 
 
 def score_task_rows(items: list[TaskItem], nlls, generations: list[str],

@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
-from ..data.answers import normalise_answer  # noqa: F401  (defined with the data it describes; used here)
+from ..data.answers import answer_distribution, normalise_answer  # defined with the data they describe
 
 
 def _refs(reference: str | Iterable[str]) -> list[str]:
@@ -75,11 +75,12 @@ def label_set(references: Iterable[str], max_labels: int = 20) -> list[str] | No
     average (distinct <= n / 2), so a handful of free-text answers is not mistaken for a label set (and a
     sample holding one label only is no classification task).
     """
-    refs = [normalise_answer(r) for r in references]
-    distinct = sorted(set(refs) - {""})
-    if len(distinct) < 2 or len(distinct) > max_labels or len(distinct) > len(refs) / 2:
-        return None
-    return distinct
+    return labels_of(answer_distribution(references, max_labels))
+
+
+def labels_of(dist: dict | None) -> list[str] | None:
+    """The label set of an `answers.answer_distribution`: its answers when there are at least two."""
+    return sorted(dist["labels"]) if dist and not dist["single_label"] else None
 
 
 def predict_label(prediction: str, labels: list[str]) -> str | None:

@@ -22,6 +22,7 @@ from html import escape
 from pathlib import Path
 
 from .. import layout
+from ..evaluate.forgetting import FORMAT_SENSITIVE
 from ..io import progress, read_jsonl
 from . import plots
 
@@ -345,7 +346,7 @@ def section_forgetting(runs: list[Run]) -> str:
                         continue
                     d = (dg.get(kind, {}).get(path) or {}).get(key)
                     b = base.get(kind, {}).get(path, {}).get(key) if base else None
-                    sensitive = kind == "qa" and key == "gold_nll"
+                    sensitive = kind == "qa" and key in FORMAT_SENSITIVE
                     n = v.get("n_choice") if key == "choice_accuracy" else v.get("n", v.get("windows"))
                     rows.append([escape(r.name), escape(Path(path).name),
                                  escape(key + (" (format-sensitive)" if sensitive else "")), _num(b, pct=pct),

@@ -186,9 +186,10 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
         raise ValueError(f"train.precision=bf16-master works in one process or under DDP; with "
                          f"{accelerator.distributed_type.name} use precision: bf16 (its own mixed precision)")
     if t.precision != "fp32" and not bf16_native(accelerator.device.type):
-        warnings.warn(f"train.precision={t.precision}: bf16 is not native on this {accelerator.device.type} (no "
-                      f"AVX-512 BF16 or AMX): bf16 matmuls are emulated, usually slower than fp32 "
-                      f"(docs/benchmarks.md, 'CPUs with and without AMX')", stacklevel=2)
+        where = "CPU (no AVX-512 BF16 or AMX)" if accelerator.device.type == "cpu" else accelerator.device.type
+        warnings.warn(f"train.precision={t.precision}: bf16 is not native on this {where}: bf16 matmuls are "
+                      f"emulated, usually slower than fp32 (docs/benchmarks.md, 'CPUs with and without AMX')",
+                      stacklevel=2)
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     tmpl = resolve_template(cfg.data.template, tokenizer)
