@@ -1,7 +1,11 @@
 """Diversity vs volume: at the same token budget, does training on many tasks (few examples each) generalise to an
 unseen cluster of tasks better than training on one task (many examples)?
 
-One whole T0 cluster is held out (default: sentiment — every sentiment data set, never single templates). *diverse*
+One whole T0 cluster is held out (default: sentiment — every sentiment data set, never single templates). Its
+evaluation set is label-balanced (`--balance`, default): each template with a small answer set contributes the same
+number of examples of each answer, and single-label or imbalanced templates (in the shared mixture every imdb and
+rotten_tomatoes template: 200/200 one answer) are left out — always giving one answer then scores its majority
+baseline, shown beside the accuracies. *diverse*
 takes `--per-task` examples from every task of the other clusters; *narrow* takes examples of one task until it has the
 same number of tokens (prompt + response, counted with the model's tokenizer). Both train with the same recipe
 (1 epoch, token-sized batches, so the step counts follow the token budget). Evaluation on the held-out cluster:
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, STRIP, eval_run, fmt_ci, model_scores, t0_tasks, task_rows, train_run, write_jsonl  # noqa: E402
 
+from sftlab.data.answers import answer_distribution, degenerate, normalise_answer  # noqa: E402
 from sftlab.models import load_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +41,24 @@ HERE = Path(__file__).resolve().parent
 def n_tokens(tokenizer, rows: list[dict]) -> int:
     texts = [r["prompt"] + r["completion"].replace(STRIP, "") for r in rows]
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def balanced_sample(rows: list[dict], n: int, seed: str) -> tuple[list[dict], str | None]:
+    """At most `n` of one template's rows with every answer equally often where its answers form a small set
+    (`answer_distribution`): the same number of each label, so always giving one answer scores 1 / labels. A
+    single-label or imbalanced template gives nothing and the reason (its accuracy would measure the majority
+    answer); free-form templates are sampled as they are."""
+    dist = answer_distribution([r["completion"].replace(STRIP, "") for r in rows])
+    if dist is None:
+        return rows[:n], None
+    if degenerate(dist):
+        return [], (f"{dist['labels'][dist['majority']]}/{dist['n']} answers are {dist['majority']!r}")
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(normalise_answer(r["completion"].replace(STRIP, "")), []).append(r)
+    per_label = min(n // len(by_label), min(map(len, by_label.values())))
+    picked = [r for group in by_label.values() for r in group[:per_label]]
+    return random.Random(seed).sample(picked, len(picked)), None
 
 
 def build_data(args, tokenizer, console: Console) -> dict:
@@ -47,8 +71,26 @@ def build_data(args, tokenizer, console: Console) -> dict:
         raise SystemExit(f"--narrow-task {args.narrow_task}: must be a T0 task outside the held-out cluster")
     d = args.out / "data"
     rows = {t: task_rows(t, files[t], args.seed, args.max_chars) for t in files}
-    # held-out cluster: the evaluation set, one file per task
-    eval_files = [write_jsonl(d / "heldout" / f"{t}.jsonl", rows[t][:args.eval_per_task]) for t in held]
+    # held-out cluster: the evaluation set, one file per task (label-balanced per template unless --no-balance)
+    excluded: dict[str, str] = {}
+    if args.balance:
+        heldout = {}
+        for t in held:
+            kept = []
+            for f in files[t]:
+                sample, why = balanced_sample(task_rows(t, [f], args.seed, args.max_chars),
+                                              -(-args.eval_per_task // len(files[t])), f"{args.seed}-{f.stem}")
+                kept += sample
+                if why:
+                    excluded[f.stem] = why
+            if kept:
+                heldout[t] = random.Random(f"{args.seed}-{t}-heldout").sample(kept, len(kept))
+    else:
+        heldout = {t: rows[t][:args.eval_per_task] for t in held}
+    eval_files = [write_jsonl(d / "heldout" / f"{t}.jsonl", r) for t, r in heldout.items()]
+    if not eval_files:
+        raise SystemExit(f"--holdout-cluster {args.holdout_cluster}: every template is single-label or imbalanced; "
+                         "nothing to evaluate (--no-balance evaluates them anyway)")
     # diverse: a few examples of every other task with enough usable examples
     diverse_tasks = sorted(t for t in files if cluster[t] != args.holdout_cluster and len(rows[t]) >= args.per_task)
     diverse = [r for t in diverse_tasks for r in rows[t][:args.per_task]]
@@ -62,8 +104,9 @@ def build_data(args, tokenizer, console: Console) -> dict:
         used += n_tokens(tokenizer, [r])
     if used < budget:
         console.print(f"[yellow]{args.narrow_task} has only {used:,} tokens (< {budget:,}): narrow budget is smaller")
-    info = {"heldout_cluster": args.holdout_cluster, "heldout_tasks": held, "eval_examples": sum(
-        min(len(rows[t]), args.eval_per_task) for t in held), "diverse_tasks": diverse_tasks,
+    info = {"heldout_cluster": args.holdout_cluster, "heldout_tasks": held, "evaluated_tasks": sorted(heldout),
+            "excluded_templates": excluded, "eval_examples": sum(map(len, heldout.values())),
+            "balanced": args.balance, "diverse_tasks": diverse_tasks,
         "diverse": {"examples": len(diverse), "tokens": budget, "tasks": len(diverse_tasks)},
         "narrow": {"task": args.narrow_task, "examples": len(narrow), "tokens": used}}
     return {"train": {"diverse": write_jsonl(d / "diverse.jsonl", diverse),
@@ -78,7 +121,10 @@ def main() -> None:
     p.add_argument("--holdout-cluster", default="sentiment")
     p.add_argument("--narrow-task", default="ag_news")
     p.add_argument("--per-task", type=int, default=16, help="examples per task in the diverse set")
-    p.add_argument("--eval-per-task", type=int, default=60)
+    p.add_argument("--eval-per-task", type=int, default=90)
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                   help="held-out templates with a small answer set: the same number of each answer; single-label "
+                        "or imbalanced templates are left out (listed in results.json)")
     p.add_argument("--max-chars", type=int, default=1500, help="skip longer examples (CPU budget)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="training overrides, e.g. train.lr=5e-5")
@@ -106,7 +152,10 @@ def main() -> None:
     scores = {"base model": model_scores(args.out / "eval-base", "model"),
               "narrow": model_scores(args.out / "eval-diverse-vs-narrow", "base"),
               "diverse": model_scores(args.out / "eval-diverse-vs-narrow", "model")}
+    macro = pair["results"]["model"]["macro"]["all"]
     result = {"data": data["info"], "scores": scores, "diverse_minus_narrow": pair["deltas"]["macro"]["all"],
+              "majority_baseline": macro.get("majority_baseline"), "degenerate_tasks": macro.get("degenerate_tasks"),
+              "answer_warnings": pair["data"].get("answer_warnings", []),
               "train": {k: {"steps": v["steps"], "examples": v["train_examples"], "wall_s": v["wall_s"]}
                         for k, v in runs.items()},
               "wall_s": round(time.perf_counter() - t_start, 1)}
@@ -127,9 +176,15 @@ def main() -> None:
     dd = lambda m, pct: "-" if not d or not d.get(m) else (  # noqa: E731
         f"{d[m]['delta']:+.1%} [{d[m]['ci95'][0]:+.1%}, {d[m]['ci95'][1]:+.1%}]" if pct
         else f"{d[m]['delta']:+.3f} [{d[m]['ci95'][0]:+.3f}, {d[m]['ci95'][1]:+.3f}]")
+    if result["majority_baseline"] is not None:
+        t.add_row("majority answer", "always the commonest reference of each task (accuracy / EM baseline)",
+                  f"{result['majority_baseline']:.1%}", f"{result['majority_baseline']:.1%}", "", "")
     t.add_row("diverse − narrow", "paired", dd("accuracy", True), dd("exact_match", True), dd("rouge_l", True),
               dd("nll", False))
     Console().print(t)
+    for stem, why in data["info"]["excluded_templates"].items():
+        console.print(f"left out of the held-out set: {stem} ({why})")
+    console.print(f"{result['degenerate_tasks']} of {len(data['eval'])} evaluated tasks single-label or imbalanced")
     console.print(f"done in {result['wall_s'] / 60:.1f} min -> {args.out / 'results.json'}")
 
 

@@ -9,7 +9,8 @@ rate). Variants, each with the same data and steps:
   interp    weight-space interpolation of `none` with the base, θ = (1-α)·θ_base + α·θ_tuned (sftlab merge --interpolate)
 Each model is evaluated on held-out examples of the task (the gain) and on NQ-open dev questions (the forgetting:
 choice accuracy — each gold answer ranked among three other questions' gold answers of the same form, a measure a
-change of answer style cannot move alone; beside it exact match, contains and the gold-answer NLL, which is
+change of answer style cannot move alone — and exact match / contains under one fixed 3-shot prompt that shows both
+models the answer format; beside them zero-shot exact match, contains and the gold-answer NLL, which are
 format-sensitive), paired with the base model's scores on the same items (bootstrap 95 % CIs).
 Writes results.json, a table, and forgetting.png (task gain vs forgetting).
 
@@ -128,7 +129,9 @@ def main() -> None:
             "task_rouge_l": paired(task_b, task_m, "rouge_l"), "task_nll": paired(task_b, task_m, "nll"),
             "nq_gold_nll": paired(qa_b, qa_m, "gold_nll", None), "nq_exact_match": paired(qa_b, qa_m, "exact_match", None),
             "nq_contains": paired(qa_b, qa_m, "contains", None),
-            "nq_choice_accuracy": paired(qa_b, qa_m, "choice_correct", None)}
+            "nq_choice_accuracy": paired(qa_b, qa_m, "choice_correct", None),
+            "nq_few_shot_exact_match": paired(qa_b, qa_m, "few_shot_exact_match", None),
+            "nq_few_shot_contains": paired(qa_b, qa_m, "few_shot_contains", None)}
         s = models.get(v + "_summary")
         if s:
             result["variants"][v]["weight_change"] = s["weight_change"]["overall"]
@@ -138,13 +141,15 @@ def main() -> None:
     t = Table(title=f"narrow fine-tuning on {args.task}: task gain vs forgetting on NQ-open "
                     f"({args.nq} questions), delta vs base [95% CI]")
     for col in ("variant", "task ROUGE-L Δ", "task NLL Δ", "NQ choice accuracy Δ (forgetting ↓)",
-                "NQ gold NLL Δ (format-sensitive)", "NQ contains Δ", "NQ EM Δ"):
+                "NQ 3-shot EM Δ", "NQ 3-shot contains Δ", "NQ gold NLL Δ (format-sensitive)",
+                "NQ 0-shot contains Δ (format-sensitive)"):
         t.add_column(col)
     c = lambda x, pct=False: (f"{x['delta']:+.1%} [{x['ci95'][0]:+.1%}, {x['ci95'][1]:+.1%}]" if pct  # noqa: E731
                               else f"{x['delta']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]")
     for v, r in result["variants"].items():
         t.add_row(v, c(r["task_rouge_l"], True), c(r["task_nll"]), c(r["nq_choice_accuracy"], True),
-                  c(r["nq_gold_nll"]), c(r["nq_contains"], True), c(r["nq_exact_match"], True))
+                  c(r["nq_few_shot_exact_match"], True), c(r["nq_few_shot_contains"], True), c(r["nq_gold_nll"]),
+                  c(r["nq_contains"], True))
     Console().print(t)
     plot(result, args.out / "forgetting.png")
     console.print(f"done in {result['wall_s'] / 60:.1f} min -> {args.out / 'results.json'}, {args.out / 'forgetting.png'}")

@@ -236,6 +236,9 @@ class EvalConfig(Strict):
     qa_distractors: int = Field(3, ge=0, description="QA records without options: rank the first gold answer "
                                 "among this many gold answers of other questions of the same form (a number for a "
                                 "number, then the nearest length); 0: choice_accuracy only for records with options")
+    qa_shots: int = Field(3, ge=0, description="QA probes: few_shot_exact_match / few_shot_contains under one fixed "
+                          "prompt with this many of the probe's questions and gold answers as earlier turns (the "
+                          "same for base and model, so the answer format is shown, not each model's habit); 0: off")
     qa_prompt: str = Field("{question}", description="User message for a QA probe, with {question}")
     few_shot: int = Field(0, ge=0, description="K: base with K shots vs tuned zero-shot on held-out tasks")
     generations: int = Field(5, ge=0, description="Side-by-side generations kept in metrics.json and the report")

@@ -370,7 +370,8 @@ def stage_summary(name: str, r: dict) -> str:
             if k == "all" and len(r["macro"]) > 1:
                 continue
             parts.append(f"{k} tasks EM {_pct(v['base_exact_match'])} -> {_pct(v['exact_match'])}")
-        parts += [f"{f} EM {_pct(v['base_exact_match'])} -> {_pct(v['exact_match'])}" for f, v in r["qa"].items()]
+        parts += [f"{f} {v.get('measure', 'exact_match').replace('_', ' ')} {_pct(v.get('base_value', v['base_exact_match']))} -> "
+                  f"{_pct(v.get('value', v['exact_match']))}" for f, v in r["qa"].items()]
         return "eval (base -> tuned): " + (", ".join(parts) or "done")
     if name == "report":
         return f"report {r['path']}"

@@ -149,7 +149,8 @@ def test_eval_base_vs_itself(eval_inputs, tmp_path, tiny_model_dir):
     assert m["data"]["answer_warnings"] == []
     qa_res = res["general"]["qa"][str(qa)]
     assert qa_res["n"] == 3 and set(qa_res) == {"n", "gold_nll", "exact_match", "contains", "choice_accuracy",
-                                                "n_choice"}
+                                                "few_shot_exact_match", "few_shot_contains", "n_choice", "n_few_shot"}
+    assert qa_res["n_few_shot"] == 3  # 3 questions: each shown the other two as its fixed demonstrations
     assert qa_res["choice_accuracy"] is None and qa_res["n_choice"] == 0  # no options in this probe
     txt = res["general"]["text"][str(text)]
     assert txt["perplexity"] == pytest.approx(math.exp(txt["nll"]))

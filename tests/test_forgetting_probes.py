@@ -98,9 +98,39 @@ def test_terse_tuning_lowers_gold_nll_but_not_as_knowledge(tmp_path, tiny_model_
     table = quiet()
     print_summary(m, table)
     assert "gold_nll (format-sensitive)" in table.file.getvalue() and "choice_accuracy" in table.file.getvalue()
+    assert res["n_few_shot"] == 40 and d["few_shot_exact_match"]["n"] == 40  # every question got the fixed prompt
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "examples.jsonl").open()]
+    assert all(r["few_shot_generation"] is not None for r in rows if r["kind"] == "qa")
     html = section_forgetting([Run("terse", tmp_path, eval=m)])
-    row = next(r for r in html.split("<tr>") if "gold_nll (format-sensitive)" in r)
-    assert "class='good'" not in row and "class='bad'" not in row  # shown, never coloured
+    for metric in ("gold_nll", "exact_match", "contains"):  # shown, never coloured
+        row = next(r for r in html.split("<tr>") if f">{metric} (format-sensitive)<" in r)
+        assert "class='good'" not in row and "class='bad'" not in row
+
+
+def test_few_shot_prompt_is_fixed_and_never_shows_the_question_its_answer():
+    pairs = [(f"q{i}", f"a{i}") for i in range(10)]
+    prompts = forgetting.qa_shot_prompts(pairs, "Q: {question}", 3, "seed")
+    demos = [[m.content for m in p.messages[:-1]] for p in prompts]
+    drawn = {tuple(d) for d in demos}
+    assert len(drawn) <= 4  # one fixed prompt, and for the demonstrated questions one neighbour swapped in
+    for i, (p, d) in enumerate(zip(prompts, demos)):
+        assert [m.role for m in p.messages] == ["user", "assistant"] * 3 + ["user"]
+        assert p.messages[-1].content == f"Q: q{i}" and f"a{i}" not in d and f"Q: q{i}" not in d
+        assert all(m.train is False for m in p.messages if m.role == "assistant")  # context, never scored
+        assert d[1] == f"a{d[0][4:]}"  # a demonstration is a question with its own gold answer
+    common = max(drawn, key=lambda t: sum(tuple(d) == t for d in demos))
+    assert sum(tuple(d) == common for d in demos) == 7  # the 7 questions not demonstrated share one prompt
+    assert forgetting.qa_shot_prompts(pairs, "{question}", 0, "s") == [None] * 10
+    assert forgetting.qa_shot_prompts(pairs[:1], "{question}", 3, "s") == [None]  # no other question to show
+
+
+def test_few_shot_rows_score_the_few_shot_generation():
+    items = [forgetting.QaItem("f:1", "q", ["Paris"], "q", []), forgetting.QaItem("f:2", "q2", ["Rome"], "q2", [])]
+    rows = forgetting.qa_rows(items, [1.0, 2.0], ["The capital is Paris.", "Rome"], None, ["Paris", None])
+    assert (rows[0]["exact_match"], rows[0]["contains"], rows[0]["few_shot_exact_match"]) == (0.0, 1.0, 1.0)
+    assert rows[1]["few_shot_exact_match"] is None and rows[1]["exact_match"] == 1.0
+    s = forgetting.summarise_qa(rows)
+    assert s["few_shot_exact_match"] == 1.0 and s["n_few_shot"] == 1 and s["exact_match"] == 0.5
 
 
 def test_matched_distractors_have_the_gold_answers_form():

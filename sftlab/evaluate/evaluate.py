@@ -13,8 +13,8 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
     {
       "schema_version": 1, "settings_sha256": str, "created": ISO time, "wall_s": float,
       "model": str, "base": str | null, "template": str,
-      "options": {limit, general_limit, seed, bootstrap, max_new_tokens, qa_max_new_tokens, qa_prompt, few_shot,
-                  max_labels, text_window, batch_size, forward_batch_tokens, max_length},
+      "options": {limit, general_limit, seed, bootstrap, max_new_tokens, qa_max_new_tokens, qa_prompt, qa_shots,
+                  few_shot, max_labels, text_window, batch_size, forward_batch_tokens, max_length},
       "training_tasks": [str] | null,        # from the training's OUT/summary.json beside OUT/model, null if unknown
       "data": {"files": [str], "examples": int, "report": DataReport.as_dict(),
                "qa_invalid": {"total": int, "by_reason": {reason: int}, "first": [str]},   # skipped QA records
@@ -28,13 +28,15 @@ Metric definitions: `generalization.py` (task metrics) and `forgetting.py` (QA p
           "macro": {"all": MACRO, "seen": MACRO | null, "unseen": MACRO | null},   # seen/unseen only
                    # when training_tasks is known; MACRO = {"tasks", "n", "nll", "exact_match",
                    # "rouge_l", "accuracy", "majority_baseline"} (means over tasks) + "degenerate_tasks": int
-          "general": {"qa": {file: {"n", "gold_nll", "exact_match", "contains", "choice_accuracy": float | null,
-                                    "n_choice": int}},   # gold_nll is format-sensitive (forgetting.py)
+          "general": {"qa": {file: {"n", "choice_accuracy", "few_shot_exact_match", "few_shot_contains",
+                                    "gold_nll", "exact_match", "contains": float | null,
+                                    "n_choice": int, "n_few_shot": int}},
+                      # gold_nll, exact_match, contains (zero-shot) are format-sensitive (forgetting.py)
                       "text": {file: {"windows", "tokens", "nll", "perplexity"}}}}},
       "deltas": null | {                     # model minus base; DELTA = {"delta", "ci95": [lo, hi], "n"}
         "tasks": {task: {metric: DELTA | null}},
         "macro": {"all" | "seen" | "unseen": {metric: DELTA | null} | null},
-        "general": {"qa": {file: {"gold_nll" | "exact_match" | "contains" | "choice_accuracy": DELTA | null}},
+        "general": {"qa": {file: {qa metric (forgetting.QA_METRICS): DELTA | null}},
                     "text": {file: {"nll": DELTA, "perplexity_ratio": float}}}},
       "few_shot": null | {"k": int, "tasks": [str], "n": int,
                           "base_k_shot": {"tasks", "macro"}, "model_zero_shot": {"tasks", "macro"},
@@ -121,7 +123,7 @@ def prepare(cfg: EvalConfig, data_opts: DataConfig, tokenizer, tmpl, training_ta
         qa[str(path)] = forgetting.read_qa([path], tokenizer, tmpl, cfg.question_field, cfg.answer_field,
                                            cfg.qa_prompt, cfg.limit if cfg.general_limit is None else cfg.general_limit,
                                            data_opts.skip_invalid, qa_invalid, data_opts.max_length, cfg.seed,
-                                           cfg.choices_field, cfg.qa_distractors)
+                                           cfg.choices_field, cfg.qa_distractors, cfg.qa_shots)
     text = {str(p): forgetting.read_text_windows(p, tokenizer, cfg.text_window, cfg.text_field, cfg.limit)
             for p in cfg.text}
     few, few_tasks = [], []
@@ -164,12 +166,18 @@ def score_model(model, tokenizer, tmpl, inp: Inputs, cfg: EvalConfig, labels, bu
             nlls = example_nll(model, gold, pad, batch_tokens, bar(f"{name} gold NLL", len(gold)))
             gens = generate(model, tokenizer, [it.prompt for it in items], tmpl, cfg.qa_max_new_tokens,
                             batch_size=cfg.batch_size, on_batch=bar(f"{name} generation", len(items)))
+            shot_items = [it for it in items if it.shot_prompt is not None]
+            shot_gens = iter(generate(model, tokenizer, [it.shot_prompt for it in shot_items], tmpl,
+                                      cfg.qa_max_new_tokens, batch_size=cfg.batch_size,
+                                      on_batch=bar(f"{name} {cfg.qa_shots}-shot generation", len(shot_items)))
+                             if shot_items else [])
+            shots = [None if it.shot_prompt is None else next(shot_gens) for it in items]
             options = [ex for it in items for ex in it.choices]
             choice = None
             if options:
                 choice = forgetting.choice_correct(items, example_nll(model, options, pad, batch_tokens,
                                                                       bar(f"{name} options NLL", len(options))))
-            out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens, choice)
+            out["qa"][path] = forgetting.qa_rows(items, forgetting.min_gold_nll(items, nlls), gens, choice, shots)
         for path, windows in inp.text.items():
             out["text"][path] = example_nll(model, windows, pad, batch_tokens,
                                             bar(f"{Path(path).name} perplexity", len(windows)))
@@ -318,7 +326,8 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
         "options": {"limit": cfg.limit, "general_limit": cfg.general_limit, "seed": cfg.seed,
                     "bootstrap": cfg.bootstrap,
                     "max_new_tokens": cfg.max_new_tokens, "qa_max_new_tokens": cfg.qa_max_new_tokens,
-                    "qa_prompt": cfg.qa_prompt, "few_shot": cfg.few_shot, "max_labels": cfg.max_labels,
+                    "qa_prompt": cfg.qa_prompt, "qa_shots": cfg.qa_shots, "few_shot": cfg.few_shot,
+                    "max_labels": cfg.max_labels,
                     "text_window": cfg.text_window, "batch_size": cfg.batch_size,
                     "forward_batch_tokens": cfg.forward_batch_tokens, "max_length": data_opts.max_length},
         "training_tasks": training_tasks,
@@ -420,7 +429,7 @@ def print_summary(m: dict, out: Console) -> None:
                 for metric in metric_names:
                     if v.get(metric) is None:  # choice_accuracy of a probe without options
                         continue
-                    pct = metric in ("exact_match", "contains", "choice_accuracy")
+                    pct = kind == "qa" and metric in forgetting.QA_PERCENT
                     b = base.get(kind, {}).get(path, {}).get(metric) if base else None
                     d = (deltas.get("general", {}).get(kind, {}).get(path, {}) or {}).get(metric)
                     label = metric + (" (format-sensitive)" if kind == "qa" and metric in forgetting.FORMAT_SENSITIVE
@@ -454,8 +463,10 @@ def metrics_line(m: dict) -> str:
     for path, v in res["general"]["qa"].items():
         choice = (f"choice accuracy {100 * v['choice_accuracy']:.1f}% (n={v['n_choice']}), "
                   if v.get("choice_accuracy") is not None else "")
-        parts.append(f"{Path(path).parent.name}/{Path(path).name}: {choice}gold NLL {v['gold_nll']:.3f} "
-                     f"(format-sensitive), EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% "
+        shots = (f"{m['options'].get('qa_shots')}-shot EM {100 * v['few_shot_exact_match']:.1f}%, "
+                 if v.get("few_shot_exact_match") is not None else "")
+        parts.append(f"{Path(path).parent.name}/{Path(path).name}: {choice}{shots}format-sensitive: gold NLL "
+                     f"{v['gold_nll']:.3f}, EM {100 * v['exact_match']:.1f}%, contains {100 * v['contains']:.1f}% "
                      f"(n={v['n']})")
     for path, v in res["general"]["text"].items():
         parts.append(f"{Path(path).name}: perplexity {v['perplexity']:.2f}")
@@ -467,7 +478,8 @@ def metrics_line(m: dict) -> str:
 
 
 def key_numbers(m: dict) -> dict:
-    """What a run logs of a metrics.json: macro EM/NLL (all, seen, unseen) and QA EM, model and base."""
+    """What a run logs of a metrics.json: macro EM/NLL (all, seen, unseen) and, per QA probe, its
+    format-independent measure and zero-shot EM, model and base."""
     model, base = m["results"]["model"], m["results"].get("base")
     out: dict = {"examples": m["data"]["examples"], "macro": {}, "qa": {}}
     for k, v in (model.get("macro") or {}).items():
@@ -477,6 +489,10 @@ def key_numbers(m: dict) -> dict:
                                "base_exact_match": b.get("exact_match"), "base_nll": b.get("nll")}
     for path, v in model["general"]["qa"].items():
         b = (base or {}).get("general", {}).get("qa", {}).get(path) or {}
-        out["qa"][Path(path).name] = {"n": v["n"], "exact_match": v["exact_match"],
+        # the probe's format-independent figure: choice accuracy, else few-shot exact match (forgetting.py)
+        measure = next((k for k in ("choice_accuracy", "few_shot_exact_match") if v.get(k) is not None),
+                       "exact_match")
+        out["qa"][Path(path).name] = {"n": v["n"], "measure": measure, "value": v[measure],
+                                      "base_value": b.get(measure), "exact_match": v["exact_match"],
                                       "base_exact_match": b.get("exact_match")}
     return out

@@ -17,6 +17,13 @@ or a list of them, e.g. Natural Questions open):
   another style (shorter, say) moves every option alike: this is the probe's format-independent measure.
   `gold_nll` is not: a tuned model that answers tersely makes any short gold answer likelier without knowing
   more, so it is labelled format-sensitive and never coloured better or worse.
+- `few_shot_exact_match` / `few_shot_contains`: exact match / contains of the greedy generation under one fixed
+  few-shot prompt — `qa_shots` (3) questions of the same probe with their first gold answers as earlier turns of
+  the conversation, in the chat template of the model scored — the same prompt for base and tuned model, so the
+  demonstrations, not each model's habits, set the answer format. (A demonstration question is itself scored
+  with the next fixed demonstration in its place.) Zero-shot `exact_match` and `contains` are format-sensitive
+  like `gold_nll`: a model that learned to answer in one short line gains exact matches and loses the long
+  replies that happened to contain the answer, knowing no more or less.
 `prompt(question)` is `--qa-prompt` with `{question}` filled in (default: the question alone).
 
 Perplexity (`--text FILE`): `.txt` files are one document; `.jsonl`/`.json` files hold one document per
@@ -51,6 +58,7 @@ class QaItem:
     gold: list[Example]  # one tokenized conversation per usable gold answer
     choices: list[Example] = field(default_factory=list)  # one per option, where the record has options
     gold_choices: frozenset[int] = frozenset()  # the options that are gold answers
+    shot_prompt: Conversation | None = None  # the fixed few-shot prompt ending with this question (None: no shots)
 
 
 def _answers(value, where: Location, field: str) -> list[str]:
@@ -96,10 +104,11 @@ def _qa_record(where: Location, rec, question_field: str, answer_field: str,
 def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question", answer_field: str = "answer",
             prompt_format: str = "{question}", limit: int | None = None, skip_invalid: bool = False,
             invalid: InvalidLog | None = None, max_length: int | None = None, seed: int = 0,
-            choices_field: str = "choices", distractors: int = 3) -> list[QaItem]:
+            choices_field: str = "choices", distractors: int = 3, shots: int = 3) -> list[QaItem]:
     """The valid QA records of every file (with `limit`: a seeded random sample of that many per file, in file
-    order), with their gold answers tokenized for scoring, and their options: the record's own, else its first
-    gold answer among `distractors` matched ones (`matched_distractors`; 0: none)."""
+    order), with their gold answers tokenized for scoring, their options — the record's own, else its first gold
+    answer among `distractors` matched ones (`matched_distractors`; 0: none) — and their fixed `shots`-shot
+    prompt (`shot_prompts`; 0: none)."""
     from .generalization import sample_records
 
     if "{question}" not in prompt_format:
@@ -121,7 +130,9 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
         records = list(valid(path)) if limit is None else sample_records(valid(path), limit, f"{seed}:{path.name}")
         pool = [answers[0] for _, _, answers, _ in records]
         rng = random.Random(f"{seed}:{path.name}:distractors")
-        for where, question, answers, options in records:
+        shot_prompts = qa_shot_prompts([(q, a[0]) for _, q, a, _ in records], prompt_format, shots,
+                                       f"{seed}:{path.name}:shots")
+        for (where, question, answers, options), shot_prompt in zip(records, shot_prompts, strict=True):
             own = bool(options)
             if not own and distractors:
                 wrong = matched_distractors(answers, pool, distractors, rng)
@@ -152,8 +163,27 @@ def read_qa(inputs: list[str], tokenizer, tmpl, question_field: str = "question"
                     continue
             golds = {normalise_answer(a) for a in answers}
             items.append(QaItem(str(where), question, answers, prompt, gold, choices,
-                                frozenset(i for i, c in enumerate(options) if normalise_answer(c) in golds)))
+                                frozenset(i for i, c in enumerate(options) if normalise_answer(c) in golds),
+                                shot_prompt))
     return items
+
+
+def qa_shot_prompts(pairs: list[tuple[str, str]], prompt_format: str, shots: int,
+                    seed: str) -> list[Conversation | None]:
+    """For each (question, first gold answer): the fixed few-shot prompt ending with its question — `shots`
+    demonstrations drawn once (seeded) from `pairs`, the same for every question; a question that is itself a
+    demonstration gets the next drawn one in its place. None where fewer than one other question exists."""
+    drawn = random.Random(seed).sample(range(len(pairs)), min(shots + 1, len(pairs))) if shots else []
+
+    def turn(question: str) -> Message:
+        return Message("user", prompt_format.replace("{question}", question))
+
+    out: list[Conversation | None] = []
+    for i, (question, _) in enumerate(pairs):
+        demos = [j for j in drawn if j != i][:shots]
+        msgs = [m for j in demos for m in (turn(pairs[j][0]), Message("assistant", pairs[j][1], train=False))]
+        out.append(Conversation([*msgs, turn(question)], None, None) if demos else None)
+    return out
 
 
 def _form(answer: str) -> tuple[bool, int, int]:
@@ -193,14 +223,18 @@ def choice_correct(items: list[QaItem], nlls) -> list[float | None]:
 
 
 def qa_rows(items: list[QaItem], gold_nll: list[float], generations: list[str],
-            choice: list[float | None] | None = None) -> list[dict]:
+            choice: list[float | None] | None = None, shot_generations: list[str | None] | None = None) -> list[dict]:
     """Per question (with its text and gold answers): gold_nll (min over gold answers), exact_match, contains,
     choice_correct (None without options), generation."""
     choice = choice or [None] * len(items)
+    shot_generations = shot_generations or [None] * len(items)
     return [{"where": it.where, "question": it.question, "answers": list(it.answers), "gold_nll": nll,
              "exact_match": float(exact_match(gen, it.answers)),
-             "contains": float(contains_answer(gen, it.answers)), "choice_correct": c, "generation": gen}
-            for it, nll, gen, c in zip(items, gold_nll, generations, choice, strict=True)]
+             "contains": float(contains_answer(gen, it.answers)), "choice_correct": c,
+             "few_shot_exact_match": None if shot is None else float(exact_match(shot, it.answers)),
+             "few_shot_contains": None if shot is None else float(contains_answer(shot, it.answers)),
+             "generation": gen, "few_shot_generation": shot}
+            for it, nll, gen, c, shot in zip(items, gold_nll, generations, choice, shot_generations, strict=True)]
 
 
 def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
@@ -212,8 +246,10 @@ def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
     return out
 
 
-QA_METRICS = ("gold_nll", "exact_match", "contains", "choice_accuracy")
-FORMAT_SENSITIVE = frozenset({"gold_nll"})  # a change of answer style alone moves it: never read as better/worse
+QA_METRICS = ("choice_accuracy", "few_shot_exact_match", "few_shot_contains", "gold_nll", "exact_match", "contains")
+QA_PERCENT = frozenset(QA_METRICS) - {"gold_nll"}
+# a change of answer style alone moves these: shown, never read as better/worse
+FORMAT_SENSITIVE = frozenset({"gold_nll", "exact_match", "contains"})
 
 
 def qa_values(rows: list[dict], metric: str) -> list[float | None]:
@@ -221,12 +257,14 @@ def qa_values(rows: list[dict], metric: str) -> list[float | None]:
 
 
 def summarise_qa(rows: list[dict]) -> dict:
-    """{"n", metric: mean over the questions it applies to (None where none), "n_choice": questions with options}"""
+    """{"n", metric: mean over the questions it applies to (None where none), "n_choice": questions with options,
+    "n_few_shot": questions with a few-shot prompt}"""
     out = {"n": len(rows)}
     for m in QA_METRICS:
         values = [v for v in qa_values(rows, m) if v is not None]
         out[m] = sum(values) / len(values) if values else None
     out["n_choice"] = sum(r["choice_correct"] is not None for r in rows)
+    out["n_few_shot"] = sum(r.get("few_shot_exact_match") is not None for r in rows)
     return out
 
 

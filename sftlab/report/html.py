@@ -22,7 +22,7 @@ from html import escape
 from pathlib import Path
 
 from .. import layout
-from ..evaluate.forgetting import FORMAT_SENSITIVE
+from ..evaluate.forgetting import FORMAT_SENSITIVE, QA_METRICS, QA_PERCENT
 from ..io import progress, read_jsonl
 from . import plots
 
@@ -337,8 +337,7 @@ def section_forgetting(runs: list[Run]) -> str:
         gen = ev["results"]["model"].get("general", {})
         base = (ev["results"].get("base") or {}).get("general", {})
         dg = (ev.get("deltas") or {}).get("general", {})
-        for kind, metrics in (("qa", (("choice_accuracy", True, False), ("gold_nll", False, True),
-                                      ("exact_match", True, False), ("contains", True, False))),
+        for kind, metrics in (("qa", tuple((m, m in QA_PERCENT, m == "gold_nll") for m in QA_METRICS)),
                               ("text", (("nll", False, True), ("perplexity", False, True)))):
             for path, v in gen.get(kind, {}).items():
                 for key, pct, lower in metrics:
@@ -347,7 +346,8 @@ def section_forgetting(runs: list[Run]) -> str:
                     d = (dg.get(kind, {}).get(path) or {}).get(key)
                     b = base.get(kind, {}).get(path, {}).get(key) if base else None
                     sensitive = kind == "qa" and key in FORMAT_SENSITIVE
-                    n = v.get("n_choice") if key == "choice_accuracy" else v.get("n", v.get("windows"))
+                    n = {"choice_accuracy": v.get("n_choice"), "few_shot_exact_match": v.get("n_few_shot"),
+                         "few_shot_contains": v.get("n_few_shot")}.get(key, v.get("n", v.get("windows")))
                     rows.append([escape(r.name), escape(Path(path).name),
                                  escape(key + (" (format-sensitive)" if sensitive else "")), _num(b, pct=pct),
                                  _num(v.get(key), pct=pct), _delta(d, pct, lower, neutral=sensitive), _num(n)])
@@ -355,9 +355,11 @@ def section_forgetting(runs: list[Run]) -> str:
         return _na("No general-knowledge probe or perplexity found (sftlab eval --general / --text).")
     note = ("<p class='muted'>Δ = model − base with paired-bootstrap 95 % CI; green: significantly better, "
             "red: significantly worse (forgetting). EM/contains/choice accuracy in %. choice_accuracy (the gold "
-            "option ranked first among a question's options) cannot be moved by a change of answer style alone; "
-            "the gold answer's NLL can (a model that learned to answer tersely makes any short gold answer "
-            "likelier), so its change is shown but never coloured.</p>")
+            "option ranked first among a question's options) and few-shot EM/contains (one fixed prompt that shows "
+            "the answer format, the same for both models) cannot be moved by a change of answer style alone; the "
+            "gold answer's NLL and zero-shot EM/contains can (a model that learned to answer tersely makes any "
+            "short gold answer likelier, gains exact matches and loses long replies that contained the answer), "
+            "so their changes are shown but never coloured.</p>")
     return note + _table(["run", "probe", "metric", "base", "model", "Δ [95% CI]", "n"], rows, num_cols={3, 4, 5, 6})
 
 
@@ -389,6 +391,8 @@ def section_ifeval(runs: list[Run]) -> str:
 # forgetting measures for the trade-off plot, preferred first: the first that every run has is used
 FORGETTING_MEASURES = {
     "choice_accuracy": "forgetting: choice accuracy lost on the general probe (points, higher = more forgotten)",
+    "few_shot_exact_match": "forgetting: few-shot exact match lost on the general probe (points, higher = more "
+                            "forgotten)",
     "text_nll": "forgetting: Δ NLL/token of the first text file (nats, higher = more forgotten)",
     "gold_nll": "forgetting: Δ general-probe gold-answer NLL (nats; format-sensitive: a change of answer style "
                 "alone moves it)",
@@ -397,8 +401,8 @@ FORGETTING_MEASURES = {
 
 def tradeoff_point(run: Run) -> dict | None:
     """Task gain (−Δ macro NLL on seen tasks, else all) and each forgetting measure the run has
-    (`FORGETTING_MEASURES`: −Δ choice accuracy in points, Δ NLL/token of the first text file, Δ gold NLL of the
-    first QA probe), with 95 % intervals."""
+    (`FORGETTING_MEASURES`: −Δ choice accuracy and few-shot EM in points, Δ NLL/token of the first text file,
+    Δ gold NLL of the first QA probe), with 95 % intervals."""
     d = (run.eval or {}).get("deltas") or {}
     macro = d.get("macro") or {}
     task = (macro.get("seen") or macro.get("all") or {}).get("nll")
@@ -406,9 +410,10 @@ def tradeoff_point(run: Run) -> dict | None:
     qa = next(iter(general.get("qa", {}).values()), None) or {}
     text = next(iter(general.get("text", {}).values()), None) or {}
     forgetting = {}
-    if qa.get("choice_accuracy"):
-        a = qa["choice_accuracy"]
-        forgetting["choice_accuracy"] = (-100 * a["delta"], [-100 * a["ci95"][1], -100 * a["ci95"][0]])
+    for key in ("choice_accuracy", "few_shot_exact_match"):
+        if qa.get(key):
+            a = qa[key]
+            forgetting[key] = (-100 * a["delta"], [-100 * a["ci95"][1], -100 * a["ci95"][0]])
     if text.get("nll"):
         forgetting["text_nll"] = (text["nll"]["delta"], text["nll"]["ci95"])
     if qa.get("gold_nll"):
@@ -427,7 +432,7 @@ def section_tradeoff(runs: list[Run]) -> str:
                    "general probe or text file in common (found %d)." % len(points))
     for p in points:
         p["forgetting"], p["forgetting_ci"] = p["measures"][measure]
-    unit = "points" if measure == "choice_accuracy" else "nats"
+    unit = "points" if measure in QA_PERCENT else "nats"
     rows = [[escape(p["name"]), _num(p["gain"]), f"[{p['gain_ci'][0]:+.3f}, {p['gain_ci'][1]:+.3f}]",
              _num(p["forgetting"]), f"[{p['forgetting_ci'][0]:+.3f}, {p['forgetting_ci'][1]:+.3f}]"] for p in points]
     return (f"<p class='muted'>{escape(FORGETTING_MEASURES[measure])}</p>"
