@@ -248,6 +248,11 @@ def test_example_t0_config_loads(monkeypatch):
     trained = {tasks[Path(p).stem]["task"] for p in cfg.data.train}
     evaluated = {tasks[Path(p).stem]["task"] for p in cfg.eval.data}
     assert evaluated & trained and evaluated - trained  # seen tasks in new phrasings, and held-out tasks
+    from sftlab.data.answers import answer_distribution, degenerate
+
+    for p in cfg.eval.data:  # no evaluated task whose accuracy only measures its majority answer
+        refs = [json.loads(line)["completion"].replace("<|endoftext|>", "") for line in open(p, encoding="utf-8")]
+        assert not degenerate(answer_distribution(refs)), p
 
 
 # ---- the demo on a complete run -------------------------------------------------------------------------------------------------------
