@@ -142,6 +142,12 @@ class TrainConfig(Strict):
     # forgetting mitigations (docs/training.md, "Mitigations")
     replay: ReplayConfig | None = Field(None, description="Mix general data into training: {data: [paths], ratio: "
                                         "0.1, format, task, limit} (None: off)")
+    objective: Literal["nll", "dft", "eaft"] = Field(
+        "nll", description="Per-token weighting of the NLL (detached; normaliser: trained tokens): nll (plain SFT), "
+        "dft (the token's own probability, arXiv 2508.05629; with kl_to_base: ASFT), eaft (normalised top-k "
+        "entropy ** eaft_alpha, arXiv 2601.02151)")
+    eaft_top_k: int = Field(20, ge=2, description="EAFT: logits whose softmax entropy weights a token (k)")
+    eaft_alpha: float = Field(1.0, gt=0, description="EAFT: exponent of the normalised entropy")
     kl_to_base: float = Field(0.0, ge=0, description="λ of λ·KL(p_tuned || p_base) per trained token (0: off)")
     l2_to_base: float = Field(0.0, ge=0, description="λ of the L2-SP penalty λ·||θ-θ0||² on trainable params (0: off)")
 

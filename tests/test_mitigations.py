@@ -56,7 +56,7 @@ def _plain_kl(model, base, batch) -> tuple[float, float, float]:
 def _adam_steps(module, batch, kl_weight, steps=5, lr=1e-2):
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        s, w, kl = module(batch)
+        s, w, kl, _ = module(batch)
         ((s + kl_weight * kl) / w).backward()
         opt.step()
         opt.zero_grad()
@@ -70,11 +70,11 @@ def test_kl_is_zero_at_start_and_equals_plain_torch_after_training():
     assert not base.training and not any(p.requires_grad for p in base.parameters())
     assert all(p.dtype == q.dtype for p, q in zip(model.parameters(), base.parameters()))
     batch = collate_padded(_examples(), pad_token_id=2)
-    s, w, kl = module(batch)
+    s, w, kl, _ = module(batch)
     assert kl.item() == 0.0  # same weights, same computation: exactly zero
     _adam_steps(module, batch, kl_weight=0.5)
     fresh = collate_padded(_examples(seed=7), pad_token_id=2)
-    s, w, kl = module(fresh)
+    s, w, kl, _ = module(fresh)
     ref_s, ref_w, ref_kl = _plain_kl(model, base, fresh)
     assert ref_kl > 1e-3, "training did not move the model"
     # fp32 sums of per-token terms: relative to the NLL sum they come from (the KL is a difference of log-probs)
@@ -112,7 +112,7 @@ def test_lora_kl_disables_the_adapter_and_equals_merged_vs_base():
     assert sum(p.numel() for p in module.parameters()) == n_params  # no copy of the base weights
     batch = collate_padded(_examples(seed=3), pad_token_id=2)
     peft_model.eval()  # no LoRA dropout, so the merged model is the same function
-    s, w, kl = module(batch)
+    s, w, kl, _ = module(batch)
     assert calls["n"] == 1
     assert sum(p.numel() for p in module.parameters()) == n_params
     merged = copy.deepcopy(peft_model).merge_and_unload()
@@ -125,9 +125,9 @@ def test_lora_kl_disables_the_adapter_and_equals_merged_vs_base():
     peft_model.train()
     modes = [m.training for m in peft_model.modules()]
     torch.manual_seed(0)
-    _, _, kl_train = module(batch)
+    _, _, kl_train, _ = module(batch)
     assert [m.training for m in peft_model.modules()] == modes
-    s2, _, _ = module(batch, kl=False)  # the adapter is active again after the KL forward
+    s2, _, _, _ = module(batch, kl=False)  # the adapter is active again after the KL forward
     s_base = _plain_kl(base, base, batch)[0]
     assert abs(s2.item() - s_base) > 1e-3
 

@@ -47,7 +47,7 @@ from ..models import bf16_native, load_tokenizer
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .components import apply_lora, load_training_model, lr_lambda
 from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
-from .loss import sft_loss_sum
+from .loss import TokenObjective, sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
                           replay_counts, replay_share)
@@ -219,7 +219,8 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(stream.steps, int(t.warmup_ratio * stream.steps), t.scheduler))
-    module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy, loss=loss)
+    module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy, loss=loss,
+                           objective=TokenObjective(t.objective, t.eaft_top_k, t.eaft_alpha))
     if t.compile:
         module = torch.compile(module)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -309,7 +310,7 @@ def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
     world, rank = acc.num_processes, acc.process_index
     global_weight = sum(trained_weight([pool[j] for j in b]) for b in group)
     mine = group[rank::world]
-    sums = torch.zeros(2, dtype=torch.float64)  # NLL sum, KL sum
+    sums = torch.zeros(3, dtype=torch.float64)  # objective sum, KL sum, plain NLL sum
     tokens = 0
     for i, b in enumerate(mine):
         batch = collate([pool[j] for j in b], t.batching, run.pad_id)
@@ -317,19 +318,20 @@ def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
         last = i == len(mine) - 1
         with contextlib.nullcontext() if last else acc.no_sync(run.module):
             with acc.autocast():
-                nll, _, kl = run.module(batch)
-            objective = nll if kl is None else nll + t.kl_to_base * kl
+                part = run.module(batch)
+            objective = part.objective if part.kl is None else part.objective + t.kl_to_base * part.kl
             acc.backward(objective * (world / global_weight))
         if run.master and (world == 1 or last):  # into fp32 (under DDP: after the all-reduce)
             run.master.take_grads()
-        sums[0] += float(nll.detach())
-        if kl is not None:
-            sums[1] += float(kl.detach())
+        sums[0] += float(part.objective.detach())
+        sums[2] += float(part.nll)
+        if part.kl is not None:
+            sums[1] += float(part.kl.detach())
     sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
-    sft_loss, kl_mean = float(sums[0]) / global_weight, float(sums[1]) / global_weight
+    objective_mean, kl_mean, sft_loss = (float(x) / global_weight for x in sums)
     # L2-SP: its exact gradient, once per optimizer step, after the micro-batches (and DDP's all-reduce)
     l2 = add_l2_grad(run.trainable(), run.anchor, t.l2_to_base) if run.anchor else 0.0
-    loss = sft_loss + t.kl_to_base * kl_mean + l2
+    loss = objective_mean + t.kl_to_base * kl_mean + l2
     if not math.isfinite(loss):
         return {"loss": loss}
     grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm)) if t.max_grad_norm else None
@@ -339,8 +341,10 @@ def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
     if run.master:
         run.master.to_model()
     row = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": global_weight, "tokens": tokens * world}
-    if t.kl_to_base or t.l2_to_base:
-        row["sft_loss"] = sft_loss
+    if t.kl_to_base or t.l2_to_base or t.objective != "nll":
+        row["sft_loss"] = sft_loss  # the plain NLL per trained token (`loss` is what is optimised)
+    if t.objective != "nll":
+        row["objective"] = objective_mean  # token-weighted NLL per trained token (train.objective)
     if t.kl_to_base:
         row["kl"] = kl_mean  # nats per trained token; `loss` adds kl_to_base times this
     if t.l2_to_base:
@@ -360,8 +364,9 @@ def validation_loss(run: Setup, cfg: RunConfig) -> float | None:
             if i % acc.num_processes != acc.process_index:
                 continue
             with acc.autocast():
-                nll, weight, _ = run.module(collate([run.eval_ex[j] for j in b], cfg.train.batching, run.pad_id),
-                                            kl=False)
+                part = run.module(collate([run.eval_ex[j] for j in b], cfg.train.batching, run.pad_id), kl=False,
+                                  weighted=False)
+                nll, weight = part.nll, part.weight
             s += torch.tensor([float(nll), float(weight)], dtype=torch.float64)
     s = acc.reduce(s.to(acc.device), reduction="sum").cpu()
     run.module.train()

@@ -23,6 +23,10 @@ so neither model's logits ever exist for more than `chunk_size` positions.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,8 +34,57 @@ from torch.utils.checkpoint import checkpoint
 
 from ..lm import model_hidden_states, nll_chunks, output_head, trained_positions
 
-__all__ = ["chunked_ce_sum", "chunked_ce_kl_sum", "sft_loss_sum", "sft_kl_loss_sum", "base_hidden_states",
-           "model_hidden_states", "output_head"]
+__all__ = ["chunked_ce_sum", "chunked_ce_kl_sum", "chunked_objective_sums", "sft_loss_sum", "sft_kl_loss_sum",
+           "sft_objective_sums", "base_hidden_states", "model_hidden_states", "output_head", "TokenObjective",
+           "LossSums"]
+
+
+@dataclass(frozen=True)
+class TokenObjective:
+    """How each trained token's NLL is weighted (`train.objective`); the weights are detached (no gradient flows
+    through them), and the normaliser stays the global count of trained tokens.
+
+    - `nll`: weight 1 — plain SFT, log p(response | instruction).
+    - `dft` (Wu et al. 2025, arXiv 2508.05629, "Dynamic Fine-Tuning"): the token's own probability under the
+      current model, sg(p(y_t)) = exp(-NLL_t), so the gradient is that of -sg(p) log p.
+    - `eaft` (Diao et al. 2026, arXiv 2601.02151): the normalised entropy of the model's top-k distribution,
+      (H_k / ln k) ** alpha, with H_k = -sum_i q_i ln q_i over q = softmax of the k largest logits — near 0 where the
+      model is confident (a "confident conflict" if it disagrees with the label), near 1 where it is uncertain.
+      The paper's code divides by 3.0 (≈ ln 20); this divides by ln k exactly.
+    """
+
+    kind: str = "nll"
+    top_k: int = 20
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("nll", "dft", "eaft"):
+            raise ValueError(f"objective must be nll, dft or eaft, got {self.kind!r}")
+        if self.top_k < 2 or self.alpha <= 0:
+            raise ValueError(f"eaft needs top_k >= 2 and alpha > 0, got {self.top_k}, {self.alpha}")
+
+    def token_weights(self, logits: torch.Tensor, nll: torch.Tensor) -> torch.Tensor | None:
+        """Detached per-position weights from fp32 logits [N, V] and their NLL [N] (None for `nll`)."""
+        with torch.no_grad():
+            if self.kind == "dft":
+                return torch.exp(-nll.detach())
+            if self.kind == "eaft":
+                k = min(self.top_k, logits.shape[-1])
+                logq = torch.log_softmax(logits.detach().topk(k, dim=-1).values, dim=-1)
+                entropy = -(logq.exp() * logq).sum(-1)
+                return (entropy / math.log(k)).clamp(min=0.0) ** self.alpha
+        return None
+
+
+class LossSums(NamedTuple):
+    """Sums over a micro-batch's trained positions, each weighted by the example weights: `objective` (the
+    token-weighted NLL that is optimised; the plain NLL for `nll`), `weight` (the normaliser), `kl` (KL to the
+    base model, None without it) and `nll` (the plain NLL, detached: what validation and the logs report)."""
+
+    objective: torch.Tensor
+    weight: torch.Tensor
+    kl: torch.Tensor | None
+    nll: torch.Tensor
 
 
 def chunked_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, weights: torch.Tensor | None = None,
@@ -60,15 +113,52 @@ def _trained_positions(hidden, labels, weights, chunk_size):
     return trained_positions(labels, weights, device=hidden.device)
 
 
-def _nll_kl(lm_head: nn.Module, base_head: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor,
-            targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position NLL and KL(p_tuned || p_base) = sum_v p_t(v) (log p_t(v) - log p_b(v)), fp32."""
-    logp = F.log_softmax(lm_head(hidden).float(), dim=-1)
-    with torch.no_grad():
-        logp_base = F.log_softmax(base_head(base_hidden).float(), dim=-1)
-    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-    kl = (logp.exp() * (logp - logp_base)).sum(-1)
-    return nll, kl
+def _chunk_terms(lm_head: nn.Module, base_head: nn.Module | None, hidden: torch.Tensor,
+                 base_hidden: torch.Tensor | None, targets: torch.Tensor, objective: TokenObjective):
+    """One chunk's per-position NLL, token weights (`objective`; ones for `nll`) and KL(p_tuned || p_base) =
+    sum_v p_t(v) (log p_t(v) - log p_b(v)) (zeros without a base), all fp32."""
+    logits = lm_head(hidden).float()
+    if base_head is None:
+        nll = F.cross_entropy(logits, targets, reduction="none")
+        kl = torch.zeros_like(nll)
+    else:
+        logp = F.log_softmax(logits, dim=-1)
+        with torch.no_grad():
+            logp_base = F.log_softmax(base_head(base_hidden).float(), dim=-1)
+        nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+        kl = (logp.exp() * (logp - logp_base)).sum(-1)
+    tw = objective.token_weights(logits, nll)
+    return nll, torch.ones_like(nll) if tw is None else tw, kl
+
+
+def chunked_objective_sums(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
+                           weights: torch.Tensor | None = None, chunk_size: int = 1024,
+                           objective: TokenObjective = TokenObjective(), base_hidden: torch.Tensor | None = None,
+                           base_head: nn.Module | None = None) -> LossSums:
+    """`LossSums` over positions t whose next label labels[t+1] is not -100: sum of example weight x token weight
+    (`objective`) x NLL, sum of example weights, with a base model (`base_hidden` [B, T, H], no gradient, and
+    `base_head`) the example-weighted sum of KL(p_tuned || p_base), and the example-weighted plain NLL.
+
+    Each chunk of `chunk_size` positions runs under `torch.utils.checkpoint` (its logits, and the base's, are
+    recomputed in backward, never kept); token weights are computed from the chunk's own logits, detached.
+    """
+    keep, y, w = _trained_positions(hidden, labels, weights, chunk_size)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    hb = None
+    if base_hidden is not None:
+        if base_hidden.shape != hidden.shape:
+            raise ValueError(f"base hidden states {tuple(base_hidden.shape)} differ from {tuple(hidden.shape)}")
+        hb = base_hidden.detach().to(hidden.device).reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    sums = [torch.zeros((), dtype=torch.float32, device=hidden.device) for _ in range(3)]  # objective, KL, NLL
+    for s in range(0, max(len(y), 1), chunk_size):
+        args = (lm_head, base_head, h[s:s + chunk_size], None if hb is None else hb[s:s + chunk_size],
+                y[s:s + chunk_size], objective)
+        nll, tw, kl = checkpoint(_chunk_terms, *args, use_reentrant=False) if grad else _chunk_terms(*args)
+        ew = torch.ones_like(nll) if w is None else w[s:s + chunk_size]
+        sums = [sums[0] + (nll * tw * ew).sum(), sums[1] + (kl * ew).sum(), sums[2] + (nll.detach() * ew).sum()]
+    weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
+    return LossSums(sums[0], weight_sum, None if base_head is None else sums[1], sums[2])
 
 
 def chunked_ce_kl_sum(hidden: torch.Tensor, lm_head: nn.Module, base_hidden: torch.Tensor, base_head: nn.Module,
@@ -79,22 +169,9 @@ def chunked_ce_kl_sum(hidden: torch.Tensor, lm_head: nn.Module, base_hidden: tor
     base_hidden [B, T, H]: the base model's last hidden states for the same batch (no gradient); base_head its LM
     head. Each chunk's base logits are computed inside the chunk (and recomputed in backward), never kept.
     """
-    keep, y, w = _trained_positions(hidden, labels, weights, chunk_size)
-    if base_hidden.shape != hidden.shape:
-        raise ValueError(f"base hidden states {tuple(base_hidden.shape)} differ from {tuple(hidden.shape)}")
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    hb = base_hidden.detach().to(hidden.device).reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
-    nll_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    kl_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for s in range(0, max(len(y), 1), chunk_size):
-        args = (lm_head, base_head, h[s:s + chunk_size], hb[s:s + chunk_size], y[s:s + chunk_size])
-        nll, kl = checkpoint(_nll_kl, *args, use_reentrant=False) if grad else _nll_kl(*args)
-        if w is not None:
-            nll, kl = nll * w[s:s + chunk_size], kl * w[s:s + chunk_size]
-        nll_total, kl_total = nll_total + nll.sum(), kl_total + kl.sum()
-    weight_sum = w.sum() if w is not None else torch.tensor(float(len(y)), device=hidden.device)
-    return nll_total, weight_sum, kl_total
+    r = chunked_objective_sums(hidden, lm_head, labels, weights, chunk_size, base_hidden=base_hidden,
+                               base_head=base_head)
+    return r.objective, r.weight, r.kl
 
 
 def sft_loss_sum(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +206,15 @@ def base_hidden_states(model: nn.Module, batch: dict, base_model: nn.Module | No
 def sft_kl_loss_sum(model: nn.Module, batch: dict, base_model: nn.Module | None = None,
                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(weighted NLL sum, weight sum, weighted KL(p_tuned || p_base) sum)` of a collated batch."""
-    base_hidden, base_head = base_hidden_states(model, batch, base_model)
+    r = sft_objective_sums(model, batch, TokenObjective(), kl=True, base_model=base_model, chunk_size=chunk_size)
+    return r.objective, r.weight, r.kl
+
+
+def sft_objective_sums(model: nn.Module, batch: dict, objective: TokenObjective, kl: bool = False,
+                       base_model: nn.Module | None = None, chunk_size: int = 1024) -> LossSums:
+    """`LossSums` of a collated batch under `objective`, with KL to the base model when `kl` (`base_model`: a
+    frozen copy, or None for a peft model whose adapter is switched off for the base forward)."""
+    base_hidden, base_head = base_hidden_states(model, batch, base_model) if kl else (None, None)
     hidden = model_hidden_states(model, batch)
-    return chunked_ce_kl_sum(hidden, output_head(model), base_hidden, base_head, batch["labels"],
-                             batch.get("weights"), chunk_size)
+    return chunked_objective_sums(hidden, output_head(model), batch["labels"], batch.get("weights"), chunk_size,
+                                  objective, base_hidden, base_head)
