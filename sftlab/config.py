@@ -149,6 +149,11 @@ class TrainConfig(Strict):
     eaft_top_k: int = Field(20, ge=2, description="EAFT: logits whose softmax entropy weights a token (k)")
     eaft_alpha: float = Field(1.0, gt=0, description="EAFT: exponent of the normalised entropy")
     kl_to_base: float = Field(0.0, ge=0, description="λ of λ·KL(p_tuned || p_base) per trained token (0: off)")
+    drift_examples: int = Field(0, ge=0, description="Forgetting proxy: KL(p_base || p_tuned) per token on N validation "
+                                "examples (else N training examples) and N questions of drift_general, logged at "
+                                "the start, every eval_every steps and the end (0: off)")
+    drift_general: list[str] = Field(default_factory=list, description="QA files (eval.question_field / "
+                                     "answer_field) whose gold-answer replies the forgetting proxy also scores")
     l2_to_base: float = Field(0.0, ge=0, description="λ of the L2-SP penalty λ·||θ-θ0||² on trainable params (0: off)")
 
     @model_validator(mode="before")

@@ -167,6 +167,7 @@ def test_training_with_dft_logs_objective_and_validates_on_plain_nll(tmp_path, t
         steps = [r for r in log if "loss" in r]
         summary = json.loads((out / "summary.json").read_text())
         initial[kind] = summary["initial_eval_loss"]
+        assert summary["objective"]["kind"] == kind
         if kind == "nll":
             assert "objective" not in steps[0]
         else:

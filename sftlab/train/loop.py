@@ -47,6 +47,7 @@ from ..models import bf16_native, load_tokenizer
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from .components import apply_lora, load_training_model, lr_lambda
 from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
+from .drift import DriftProbe, build_probe, drift_kl, probe_examples
 from .loss import TokenObjective, sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
@@ -92,6 +93,7 @@ class Setup:
     params: list[torch.Tensor]  # what the optimizer steps: the fp32 masters, or the model's trainable parameters
     anchor: dict | None  # θ0 of L2-SP
     pad_id: int
+    drift: DriftProbe | None = None  # the running forgetting proxy's probe sets (train.drift_examples)
 
     @property
     def pool(self) -> list[Example]:  # micro-batch index len(train_ex) + j is replay example j
@@ -116,6 +118,7 @@ class State:
     eval_loss: float | None = None
     metrics_bytes: int = 0  # metrics.jsonl's length when the checkpoint was written
     final: bool = False  # the checkpoint is the one `finish` writes (final validation done)
+    drift: dict | None = None  # the last forgetting-proxy KLs {set: nats per token}
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -139,8 +142,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True,
         try:
             if state.step == 0:
                 state.initial_eval = validation_loss(run, cfg)  # the base model's, for comparison
-                if state.initial_eval is not None:
-                    log({"step": 0, "eval_loss": state.initial_eval})
+                log_evaluation(run, state, state.initial_eval, log)
             with stop_signals() as stop:
                 fit(run, state, cfg, out, log, console, stop)
             return finish(run, state, cfg, out, log, console, time.perf_counter() - t_start)
@@ -219,15 +221,36 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(stream.steps, int(t.warmup_ratio * stream.steps), t.scheduler))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    drift = None
+    if t.drift_examples:  # before any update or restored checkpoint: the base model's distributions
+        with accelerator.autocast():
+            drift = build_probe(model, drift_sets(cfg, tokenizer, tmpl, train_ex, eval_ex), pad_id,
+                                t.loss_chunk_size)
     module = SFTLossModule(model, t.loss_chunk_size, kl=t.kl_to_base > 0, base_model=base_copy, loss=loss,
                            objective=TokenObjective(t.objective, t.eaft_top_k, t.eaft_alpha))
     if t.compile:
         module = torch.compile(module)
     module, optimizer = accelerator.prepare(module, optimizer)
     anchor = l2_anchor(model, base_copy, master) if t.l2_to_base else None  # θ0, before any resume
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Setup(accelerator, tokenizer, tmpl, train_ex, eval_ex, replay_ex, report, replay_report, stream, module,
-                 optimizer, scheduler, master, params, anchor, pad_id)
+                 optimizer, scheduler, master, params, anchor, pad_id, drift)
+
+
+def drift_sets(cfg: RunConfig, tokenizer, tmpl, train_ex: list[Example], eval_ex: list[Example]
+               ) -> dict[str, list[Example]]:
+    """The forgetting proxy's probe sets: held-out (or training) examples, and general-probe gold answers."""
+    from ..evaluate.forgetting import read_qa
+
+    t, e = cfg.train, cfg.eval
+    name, held = probe_examples(eval_ex, train_ex, t.drift_examples, t.seed)
+    sets = {name: held}
+    if t.drift_general:
+        items = read_qa(t.drift_general, tokenizer, tmpl, e.question_field, e.answer_field, e.qa_prompt,
+                        t.drift_examples, cfg.data.skip_invalid, max_length=cfg.data.max_length, seed=t.seed,
+                        distractors=0, shots=0)
+        sets["general"] = [it.gold[0] for it in items]
+    return sets
 
 
 def restore(run: Setup, cfg: RunConfig, out: Path, resume: bool, console: Console) -> State:
@@ -262,7 +285,7 @@ def restore(run: Setup, cfg: RunConfig, out: Path, resume: bool, console: Consol
                       soft_wrap=True)
     return State(saved["step"], saved.get("best_eval"), saved.get("bad_evals", 0), saved.get("initial_eval"),
                  eval_loss=saved.get("eval_loss"), metrics_bytes=saved.get("metrics_bytes", 0),
-                 final=saved.get("final", False))
+                 final=saved.get("final", False), drift=saved.get("drift"))
 
 
 def fit(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, console: Console, stop: dict) -> None:
@@ -373,12 +396,25 @@ def validation_loss(run: Setup, cfg: RunConfig) -> float | None:
     return float(s[0] / s[1]) if s[1] > 0 else None
 
 
+def log_evaluation(run: Setup, state: State, eval_loss: float | None, log: MetricsLog) -> None:
+    """One metrics row with the validation loss and the forgetting proxy's KLs (`drift.py`), where there are any."""
+    row: dict = {"step": state.step}
+    if eval_loss is not None:
+        row["eval_loss"] = eval_loss
+    if run.drift is not None:
+        with run.accelerator.autocast():
+            state.drift = drift_kl(run.accelerator.unwrap_model(run.module).model, run.drift)
+        row.update({f"drift_kl_{name}": v for name, v in state.drift.items()})
+    if len(row) > 1:
+        log(row)
+
+
 def validate_and_stop(run: Setup, state: State, cfg: RunConfig, log: MetricsLog, console: Console) -> bool:
     """Periodic validation; True when early stopping says stop (no improvement for `patience` evaluations)."""
     state.eval_loss = validation_loss(run, cfg)
+    log_evaluation(run, state, state.eval_loss, log)
     if state.eval_loss is None:
         return False
-    log({"step": state.step, "eval_loss": state.eval_loss})
     if state.best_eval is None or state.eval_loss < state.best_eval:
         state.best_eval, state.bad_evals = state.eval_loss, 0
     else:
@@ -393,7 +429,7 @@ def validate_and_stop(run: Setup, state: State, cfg: RunConfig, log: MetricsLog,
 def checkpoint(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, final: bool = False) -> Path:
     saved = {"step": state.step, "best_eval": state.best_eval, "bad_evals": state.bad_evals,
              "initial_eval": state.initial_eval, "eval_loss": state.eval_loss, "metrics_bytes": log.size(),
-             "final": final}
+             "final": final, "drift": state.drift}
     acc = run.accelerator
     return save_checkpoint(out, state.step, run.trainable(), run.optimizer, run.scheduler, saved,
                            cfg.train.keep_last, acc.process_index, acc.num_processes, acc.wait_for_everyone)
@@ -406,8 +442,7 @@ def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog,
 
     if not state.final:  # resumed from the final checkpoint: its validation is logged already
         state.eval_loss = validation_loss(run, cfg)
-        if state.eval_loss is not None:
-            log({"step": state.step, "eval_loss": state.eval_loss})
+        log_evaluation(run, state, state.eval_loss, log)
         checkpoint(run, state, cfg, out, log, final=True)
     model = run.accelerator.unwrap_model(run.module).model
     run.optimizer.state.clear()  # AdamW moments are in the checkpoint; free them before the final save
@@ -436,7 +471,10 @@ def write_summary(run: Setup, state: State, cfg: RunConfig, result: TrainResult,
                "data_fingerprint": fingerprint(run.train_ex), "wall_s": wall_s, "model_dir": str(result.model_dir),
                "config_sha256": config_hash(cfg),
                "mitigations": {"replay_ratio": t.replay.ratio if t.replay else 0.0, "kl_to_base": t.kl_to_base,
-                               "l2_to_base": t.l2_to_base}}
+                               "l2_to_base": t.l2_to_base},
+               "drift_kl": state.drift,
+               "objective": {"kind": t.objective, **({"top_k": t.eaft_top_k, "alpha": t.eaft_alpha}
+                                                     if t.objective == "eaft" else {})}}
     if run.replay_ex:
         summary["replay"] = replay_counts(run.stream, state.step, run.pool, len(run.train_ex), run.replay_report,
                                           fingerprint(run.replay_ex))

@@ -119,4 +119,6 @@ def mitigations_note(cfg: RunConfig, n_replay: int) -> str:
         parts.append(f"KL to base λ={t.kl_to_base:g}")
     if t.l2_to_base:
         parts.append(f"L2-SP λ={t.l2_to_base:g}")
-    return f"; mitigations: {', '.join(parts)}" if parts else ""
+    objective = {"dft": "DFT", "eaft": f"EAFT k={t.eaft_top_k} α={t.eaft_alpha:g}"}.get(t.objective)
+    note = f"; objective {objective}" if objective else ""
+    return note + (f"; mitigations: {', '.join(parts)}" if parts else "")
