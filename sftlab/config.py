@@ -201,11 +201,14 @@ class AuditConfig(Strict):
 
 
 class SelectConfig(Strict):
-    strategy: Literal["ifd-top", "drop-known", "task-balanced", "diverse"] | None = Field(
+    strategy: Literal["ifd-top", "drop-known", "task-balanced", "diverse", "self-rehearsal"] | None = Field(
         None, description="sftlab run: choose the training set from the audit (None: train on all of data.train)")
-    budget: int | str | None = Field(None, description="Examples to keep: N or P% of the audited examples")
+    budget: int | str | None = Field(None, description="Examples to keep: N or P% of the audited examples (None: all)")
     seed: int = Field(0, description="Seed for the random order within strategies")
     dup_threshold: float = Field(0.8, gt=0, le=1, description="diverse: MinHash Jaccard of near-duplicates")
+    rehearsal_rouge: float | None = Field(None, gt=0, le=1, description="self-rehearsal: also train on the base "
+                                          "model's answer where its ROUGE-L F to the gold is at least this "
+                                          "(None: exact match only)")
 
     @field_validator("budget")
     @classmethod

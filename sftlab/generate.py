@@ -102,6 +102,15 @@ def decode_reply(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> 
     return text.strip()
 
 
+def reply_finished(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> bool:
+    """Whether generated ids end their reply (an end-of-turn / EOS id, or the end-of-turn text) rather than
+    stopping at the token budget."""
+    stop_ids, marker = stops
+    if any(t in stop_ids for t in new_ids):
+        return True
+    return bool(marker) and marker in tokenizer.decode(new_ids, skip_special_tokens=False)
+
+
 def decode_stops(tmpl: ChatTemplate, tokenizer):
     """The decode loop's stop rule: the end-of-turn id (or its text, for a multi-token marker) and EOS."""
     from .decode import Stops

@@ -112,9 +112,10 @@ def _run_select(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
 
     s = cfg.select
     summary = run_select(run_dir / layout.AUDIT_DIR, select_file(run_dir), s.strategy, s.budget, console,
-                         seed=s.seed, dup_threshold=s.dup_threshold)
+                         seed=s.seed, dup_threshold=s.dup_threshold, rehearsal_rouge=s.rehearsal_rouge)
     return {"strategy": s.strategy, "budget": summary["budget"], "kept": summary["kept"],
-            "available": summary["available"]}
+            "available": summary["available"],
+            **{k: summary[k] for k in ("rehearsed", "gold") if k in summary}}
 
 
 def _run_train(cfg: RunConfig, run_dir: Path, console: Console) -> dict:
@@ -158,6 +159,9 @@ def plan(cfg: RunConfig, console: Console | None = None) -> list[Stage]:
     if cfg.select.strategy and not cfg.audit.enabled:
         raise ValueError(f"select.strategy={cfg.select.strategy} chooses from the audit: set audit.enabled=true "
                          "(or remove select.strategy)")
+    if cfg.select.strategy == "self-rehearsal" and not cfg.audit.generate:
+        raise ValueError("select.strategy=self-rehearsal trains on the base model's own answers: set "
+                         "audit.generate=true so the audit records them")
     stages = []
     if cfg.audit.enabled:
         d = run_dir / layout.AUDIT_DIR
@@ -355,7 +359,8 @@ def stage_summary(name: str, r: dict) -> str:
         return (f"audited {r['examples']:,} examples, {r['tasks']} tasks: {v.get('known', 0)} known, "
                 f"{v.get('latent', 0)} latent, {v.get('unknown', 0)} unknown")
     if name == "select":
-        return f"selected {r['kept']:,} of {r['available']:,} ({r['strategy']})"
+        own = f", {r['rehearsed']:,} on the base model's own answer" if "rehearsed" in r else ""
+        return f"selected {r['kept']:,} of {r['available']:,} ({r['strategy']}{own})"
     if name == "train":
         s = f"trained {r['steps']} steps"
         if r.get("final_loss") is not None:

@@ -6,12 +6,20 @@
   example of a task whose verdict is `known`), then a seeded uniform sample of the rest.
 - `task-balanced`: the budget spread evenly over tasks (round robin; a task with fewer examples gives
   its share to the others), each task's examples in seeded random order.
+- `self-rehearsal` (Gupta et al. 2024, arXiv 2409.04787, "selective self-rehearsal"): every example is kept (a
+  seeded sample under a budget below 100 %); where the base model's own greedy answer from the audit (`sftlab audit
+  --generate`) already matches the gold response — normalised exact match, or ROUGE-L F >= `rehearsal_rouge` when
+  given — and ended within its budget, the last assistant turn is trained on that answer instead of the gold one
+  (`"origin": "base_model"`, the gold text kept in `"gold_response"`); the others on the gold (`"origin": "gold"`).
+  The answers come from the same prompt training teaches (the conversation up to the last assistant turn), so the
+  model is taught its own phrasing of what it already gets right and the gold one only where it does not. A last
+  assistant turn with tool calls or a reasoning trace is always kept gold.
 - `diverse`: near-duplicates removed first (MinHash over word 3-grams of the conversation text, LSH at
   Jaccard >= `dup_threshold`; the earliest example of each group is kept), then k-center greedy over the
   base model's mean-pooled hidden states (`embeddings.npy`, cosine distance), starting from the example
   nearest the centroid and repeatedly adding the one farthest from everything chosen.
 
-The budget is N examples or P% of the audited examples; no strategy keeps more. The output is JSONL in
+The budget is N examples or P% of the audited examples (none: all of them); no strategy keeps more. The output is JSONL in
 the `messages` format (`{"messages": [...], "task": ..., "audit_index": i}`, input order), readable by
 `sftlab data` / training with `--task-field task`; `FILE.summary.json` holds, per task, how many were
 available, kept, and dropped for which reason (`known`, `ifd_ge_1`, `near_duplicate`, `budget`).
@@ -34,11 +42,13 @@ from rich.table import Table
 from . import layout
 from .io import atomic_write, read_jsonl
 
-STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse")
+STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse", "self-rehearsal")
 
 
-def parse_budget(text: str | int, total: int) -> int:
-    """'N' -> N, 'P%' -> floor(P% of total); at least 1."""
+def parse_budget(text: str | int | None, total: int) -> int:
+    """'N' -> N, 'P%' -> floor(P% of total); at least 1; None -> total."""
+    if text is None:
+        return max(total, 1)
     s = str(text).strip()
     try:
         if s.endswith("%"):
@@ -106,6 +116,40 @@ def select_task_balanced(rows: list[dict], budget: int, seed: int = 0) -> tuple[
         depth += 1
     kept = {r["index"] for r in chosen}
     return chosen, {r["index"]: "budget" for r in rows if r["index"] not in kept}
+
+
+def rehearsable(row: dict, rouge_threshold: float | None) -> bool:
+    """The base model's audit answer may replace the gold last turn: it matches the gold (exact match, or ROUGE-L
+    >= rouge_threshold), ended within its budget, is not empty, and the gold turn is plain text."""
+    gen = row.get("generation")
+    last = next((m for m in reversed(row["messages"]) if m["role"] == "assistant"), None)
+    if not gen or not gen.strip() or row.get("generation_finished") is False or last is None:
+        return False
+    if set(last) - {"role", "content", "train"}:  # tool calls, a reasoning trace, tool fields: keep the gold
+        return False
+    return bool(row.get("exact_match")) or (rouge_threshold is not None and (row.get("rouge_l") or 0.0)
+                                            >= rouge_threshold)
+
+
+def select_self_rehearsal(rows: list[dict], budget: int, seed: int = 0, rouge_threshold: float | None = None
+                          ) -> tuple[list[dict], dict[int, str], set[int]]:
+    """Every example (a seeded sample of `budget` when fewer), and the indices whose base answer is rehearsed."""
+    if not any("generation" in r for r in rows):
+        raise ValueError("self-rehearsal needs the base model's answers: the audit has none (run sftlab audit with "
+                         "--generate, or audit.generate: true in sftlab run)")
+    chosen = rows if budget >= len(rows) else _shuffled(rows, seed)[:budget]
+    kept = {r["index"] for r in chosen}
+    rehearsed = {r["index"] for r in chosen if rehearsable(r, rouge_threshold)}
+    return chosen, {r["index"]: "budget" for r in rows if r["index"] not in kept}, rehearsed
+
+
+def rehearsed_row(row: dict) -> dict:
+    """The audit row with its last assistant turn replaced by the base model's own answer."""
+    messages = [dict(m) for m in row["messages"]]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    gold = messages[last]["content"]
+    messages[last]["content"] = row["generation"]
+    return {**row, "messages": messages, "origin": "base_model", "gold_response": gold}
 
 
 def conversation_text(row: dict) -> str:
@@ -195,19 +239,26 @@ def summarise_selection(rows: list[dict], chosen: list[dict], dropped: dict[int,
 
 
 def output_record(row: dict) -> dict:
-    return {"messages": row["messages"], "task": row["task"], "audit_index": row["index"]}
+    """What a selection file holds of a chosen row (self-rehearsal: also `origin` and `gold_response`)."""
+    return {"messages": row["messages"], "task": row["task"], "audit_index": row["index"],
+            **{k: row[k] for k in ("origin", "gold_response") if k in row}}
 
 
-def select(audit_dir: str | Path, strategy: str, budget: str | int, seed: int = 0, dup_threshold: float = 0.8,
-           progress: Progress | None = None) -> tuple[list[dict], dict]:
+def select(audit_dir: str | Path, strategy: str, budget: str | int | None, seed: int = 0, dup_threshold: float = 0.8,
+           progress: Progress | None = None, rehearsal_rouge: float | None = None) -> tuple[list[dict], dict]:
     """(chosen rows in input order, summary) — the Python API behind `sftlab select`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if not 0 < dup_threshold <= 1:
         raise ValueError(f"--dup-threshold {dup_threshold}: must be in (0, 1]")
+    if rehearsal_rouge is not None and not 0 < rehearsal_rouge <= 1:
+        raise ValueError(f"--rehearsal-rouge {rehearsal_rouge}: must be in (0, 1]")
     rows, tasks = load_audit(audit_dir)
     n = parse_budget(budget, len(rows))
-    if strategy == "ifd-top":
+    rehearsed: set[int] = set()
+    if strategy == "self-rehearsal":
+        chosen, dropped, rehearsed = select_self_rehearsal(rows, n, seed, rehearsal_rouge)
+    elif strategy == "ifd-top":
         chosen, dropped = select_ifd_top(rows, n)
     elif strategy == "drop-known":
         chosen, dropped = select_drop_known(rows, tasks, n, seed)
@@ -224,28 +275,40 @@ def select(audit_dir: str | Path, strategy: str, budget: str | int, seed: int = 
                "dropped": dict(Counter(dropped.values())), "tasks": summarise_selection(rows, chosen, dropped)}
     if strategy == "diverse":
         summary["dup_threshold"] = dup_threshold
+    if strategy == "self-rehearsal":
+        summary["rehearsal_rouge"] = rehearsal_rouge
+        summary["rehearsed"] = len(rehearsed)  # trained on the base model's own answer
+        summary["gold"] = len(chosen) - len(rehearsed)
+        for r in chosen:
+            t = summary["tasks"][str(r["task"])]
+            key = "rehearsed" if r["index"] in rehearsed else "gold"
+            t[key] = t.get(key, 0) + 1
+        chosen = [rehearsed_row(r) if r["index"] in rehearsed else {**r, "origin": "gold"} for r in chosen]
     return chosen, summary
 
 
 def print_selection(summary: dict, console: Console) -> None:
     t = Table(title=f"sftlab select: {summary['strategy']}, budget {summary['budget']:,}")
-    for col in ("task", "available", "kept", "dropped"):
+    rehearsal = "rehearsed" in summary
+    cols = ("task", "available", "kept") + (("own answer", "gold") if rehearsal else ()) + ("dropped",)
+    for col in cols:
         t.add_column(col, justify="left" if col in ("task", "dropped") else "right")
     for task, s in summary["tasks"].items():
-        t.add_row(task, f"{s['available']:,}", f"{s['kept']:,}",
+        extra = (f"{s.get('rehearsed', 0):,}", f"{s.get('gold', 0):,}") if rehearsal else ()
+        t.add_row(task, f"{s['available']:,}", f"{s['kept']:,}", *extra,
                   ", ".join(f"{k} {v:,}" for k, v in sorted(s["dropped"].items())) or "-")
     console.print(t)
 
 
-def run_select(audit_dir: str | Path, out: str | Path, strategy: str, budget: str | int,
+def run_select(audit_dir: str | Path, out: str | Path, strategy: str, budget: str | int | None,
                console: Console | None = None, seed: int = 0, dup_threshold: float = 0.8,
-               table: Console | None = None) -> dict:
+               table: Console | None = None, rehearsal_rouge: float | None = None) -> dict:
     from .io import progress
 
     console = console or Console(stderr=True)
     out = Path(out)
     with progress("select", console) as bars:
-        chosen, summary = select(audit_dir, strategy, budget, seed, dup_threshold, bars)
+        chosen, summary = select(audit_dir, strategy, budget, seed, dup_threshold, bars, rehearsal_rouge)
     with atomic_write(out) as f:
         for r in chosen:
             f.write(json.dumps(output_record(r), ensure_ascii=False) + "\n")
@@ -255,7 +318,9 @@ def run_select(audit_dir: str | Path, out: str | Path, strategy: str, budget: st
     print_selection(summary, table or (Console(quiet=True) if console.quiet else Console()))
     drops = ", ".join(f"{v:,} {k}" for k, v in sorted(summary["dropped"].items())) or "none"
     n_tasks = sum(1 for s in summary["tasks"].values() if s["kept"])
+    own = (f"; {summary['rehearsed']:,} trained on the base model's own answer, {summary['gold']:,} on the gold"
+           if "rehearsed" in summary else "")
     console.print(f"[green]done[/] kept {summary['kept']:,} of {summary['available']:,} examples "
                   f"({strategy}, budget {summary['budget']:,}) in {n_tasks} of {len(summary['tasks'])} tasks; "
-                  f"dropped {drops} -> {out}", highlight=False)
+                  f"dropped {drops}{own} -> {out}", highlight=False)
     return summary

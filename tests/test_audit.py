@@ -363,7 +363,15 @@ def test_cli_audit_and_select_end_to_end(tmp_path, tiny_model_dir, shared_data):
     assert len(rows) == n and [r["index"] for r in rows] == list(range(n))
     assert {r["task"] for r in rows} == {"ag", "common"}
     assert all(r["generation"] is not None and r["exact_match"] in (0.0, 1.0) for r in rows)
+    assert all(isinstance(r["generation_finished"], bool) for r in rows)
     assert all(r["s_cond_shot"] is not None and r["n_shots"] == 2 for r in rows)
+    sel = tmp_path / "rehearse.jsonl"
+    res = runner.invoke(app, ["select", str(out), "--strategy", "self-rehearsal", "--out", str(sel)])
+    assert res.exit_code == 0, res.output
+    recs = _rows(sel)
+    own = [r for r in recs if r["origin"] == "base_model"]
+    assert len(recs) == n and "on the gold" in " ".join(res.output.split())
+    assert all(r["messages"][-1]["content"] == rows[r["audit_index"]]["generation"] for r in own)
     tasks = json.loads((out / "tasks.json").read_text())
     assert set(tasks["tasks"]) == {"ag", "common"} and tasks["thresholds"]["latent_ratio"] == 0.7
     assert all(t["verdict"] in ("known", "latent", "unknown") for t in tasks["tasks"].values())

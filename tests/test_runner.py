@@ -221,6 +221,9 @@ def test_from_and_only_errors(inputs, tmp_path):
         run_pipeline(make_cfg(inputs, tmp_path / "fresh", "select.strategy=null"), quiet(), from_stage="select")
     with pytest.raises(ValueError, match="audit.enabled=true"):
         run_pipeline(make_cfg(inputs, tmp_path / "fresh", "audit.enabled=false"), quiet())
+    with pytest.raises(ValueError, match="audit.generate=true"):
+        run_pipeline(make_cfg(inputs, tmp_path / "fresh", "select.strategy=self-rehearsal", "audit.generate=false"),
+                     quiet())
     assert not (tmp_path / "fresh").exists()
 
 

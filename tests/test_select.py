@@ -124,3 +124,68 @@ def test_select_errors(audit_dir, tmp_path):
     (audit_dir / "embeddings.npy").unlink()
     with pytest.raises(FileNotFoundError, match="embeddings"):
         select(audit_dir, "diverse", "3")
+
+
+# ---- self-rehearsal ------------------------------------------------------------------------------------------------
+def _rehearsal_audit(tmp_path, with_generations=True):
+    """Five examples: 0 base answer equals gold up to case/punctuation; 1 close (ROUGE-L 0.8) but not equal;
+    2 wrong; 3 equal but cut at the token budget; 4 equal but its gold turn carries tool calls."""
+    gold = ["Paris", "the cat sat on the mat", "42", "a long answer", "call it"]
+    gens = ["paris.", "the cat sat on a mat", "41", "a long answer", "call it"]
+    rouge = [1.0, 0.8333, 0.0, 1.0, 1.0]
+    rows = []
+    for i, (g, a, r) in enumerate(zip(gold, gens, rouge)):
+        last = {"role": "assistant", "content": g}
+        if i == 4:
+            last["tool_calls"] = [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        row = {"index": i, "task": "t", "source": f"f.jsonl:{i + 1}", "key": str(i), "ifd": 0.5, "verdict": "latent",
+               "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"earlier {i}"},
+                            {"role": "user", "content": f"again {i}"}, last]}
+        if with_generations:
+            row.update(generation=a, generation_finished=i != 3, exact_match=float(i in (0, 3, 4)), rouge_l=r)
+        rows.append(row)
+    d = tmp_path / ("audit" if with_generations else "audit-nogen")
+    d.mkdir()
+    (d / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "tasks.json").write_text(json.dumps({"tasks": {"t": {"verdict": "latent"}}}))
+    return d
+
+
+def test_self_rehearsal_trains_on_the_base_answer_only_where_it_already_matches(tmp_path):
+    d = _rehearsal_audit(tmp_path)
+    out = tmp_path / "sel.jsonl"
+    summary = run_select(d, out, "self-rehearsal", None, QUIET, table=QUIET)
+    recs = [json.loads(line) for line in out.open()]
+    assert [r["audit_index"] for r in recs] == [0, 1, 2, 3, 4]  # every example kept, in input order
+    assert [r["origin"] for r in recs] == ["base_model", "gold", "gold", "gold", "gold"]
+    assert recs[0]["messages"][-1]["content"] == "paris." and recs[0]["gold_response"] == "Paris"
+    assert recs[0]["messages"][:3] == [{"role": "user", "content": "q0"},  # earlier turns untouched
+                                       {"role": "assistant", "content": "earlier 0"},
+                                       {"role": "user", "content": "again 0"}]
+    assert recs[1]["messages"][-1]["content"] == "the cat sat on the mat" and "gold_response" not in recs[1]
+    assert (summary["rehearsed"], summary["gold"]) == (1, 4) and summary["tasks"]["t"]["rehearsed"] == 1
+    # with a ROUGE-L threshold the close answer is rehearsed too; the cut and the tool-call one never are
+    chosen, s = select(d, "self-rehearsal", "100%", rehearsal_rouge=0.8)
+    assert [r["origin"] for r in chosen] == ["base_model", "base_model", "gold", "gold", "gold"]
+    assert chosen[1]["messages"][-1]["content"] == "the cat sat on a mat" and s["rehearsed"] == 2
+
+
+def test_self_rehearsal_output_trains_as_messages_data(tmp_path, tokenizer):
+    from sftlab.config import DataConfig
+    from sftlab.data.pipeline import iter_examples
+
+    d = _rehearsal_audit(tmp_path)
+    out = tmp_path / "sel.jsonl"
+    run_select(d, out, "self-rehearsal", None, QUIET, table=QUIET)
+    exs = list(iter_examples([str(out)], tokenizer, DataConfig(format="messages", task_field="task",
+                                                               skip_invalid=True)))  # 4: tool calls
+    trained = tokenizer.decode([t for t in exs[0].labels if t != -100])
+    assert "paris." in trained and "Paris" not in trained and "earlier 0" in trained  # every assistant turn
+
+
+def test_self_rehearsal_needs_the_audit_answers(tmp_path):
+    d = _rehearsal_audit(tmp_path, with_generations=False)
+    with pytest.raises(ValueError, match="--generate"):
+        select(d, "self-rehearsal", None)
+    with pytest.raises(ValueError, match="--rehearsal-rouge"):
+        select(_rehearsal_audit(tmp_path), "self-rehearsal", None, rehearsal_rouge=1.5)

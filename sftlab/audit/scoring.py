@@ -124,12 +124,13 @@ def score_batch(scorer: Scorer, batch: list[ScoreJob]) -> tuple[list[float], dic
 
 
 def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], caps: list[int],
-                   batch_tokens: int, max_batch: int) -> list[str]:
-    """Greedy replies to token-id prompts; reply i is cut to caps[i] new tokens and at end-of-turn.
+                   batch_tokens: int, max_batch: int) -> list[tuple[str, bool]]:
+    """Greedy replies to token-id prompts, each with whether it ended (end-of-turn or EOS within its budget)
+    rather than being cut at caps[i] new tokens.
 
     The decode loop keeps at most `max_batch` rows, and no more than `batch_tokens` over the longest row
     (prompt + budget) would fill."""
-    from ..generate import Decoding, decode_reply, generate_ids, stop_markers
+    from ..generate import Decoding, decode_reply, generate_ids, reply_finished, stop_markers
 
     if not prompts:
         return []
@@ -138,7 +139,8 @@ def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], ca
     with scorer.autocast():
         new = generate_ids(scorer.model, tokenizer, tmpl, prompts, caps, Decoding(max(caps)), rows)
     stops = stop_markers(tmpl, tokenizer)
-    return [decode_reply(ids[:cap], tokenizer, stops) for ids, cap in zip(new, caps)]
+    return [(decode_reply(ids[:cap], tokenizer, stops), reply_finished(ids[:cap], tokenizer, stops))
+            for ids, cap in zip(new, caps)]
 
 
 def build_chunks(pending: list[AuditItem], all_items: list[AuditItem], tokenizer, tmpl, data: DataConfig,
@@ -218,11 +220,11 @@ def run_chunk(chunk: ScoreChunk, scorer: Scorer, tokenizer, tmpl, cfg: AuditConf
             row.update(n_shots=chunk.n_shots.get(it.index, 0), s_cond_shot=v.get("shot"),
                        shot_ratio=_ratio(v.get("shot"), v["uncond"]))
         if cfg.generate:
-            g = gens[(it.index, "generation")]
-            row.update(generation=g, exact_match=float(exact_match(g, it.reference)),
+            g, finished = gens[(it.index, "generation")]
+            row.update(generation=g, generation_finished=finished, exact_match=float(exact_match(g, it.reference)),
                        rouge_l=float(rouge_l(g, it.reference)))
             if cfg.few_shot:
-                gs = gens.get((it.index, "generation_shot"))
+                gs, _ = gens.get((it.index, "generation_shot"), (None, None))
                 row.update(generation_shot=gs,
                            exact_match_shot=None if gs is None else float(exact_match(gs, it.reference)))
         rows.append(row)

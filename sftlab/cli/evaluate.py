@@ -41,15 +41,17 @@ def audit_cmd(
 def select_cmd(
     audit_dir: Annotated[Path, typer.Argument(help="Directory written by `sftlab audit`")],
     out: Annotated[Path, typer.Option("--out", help="Output JSONL (messages format with task labels)")],
-    strategy: Annotated[str, typer.Option("--strategy", help="ifd-top | drop-known | task-balanced | diverse")],
-    budget: Annotated[str, typer.Option("--budget", help="Examples to keep: N or P% of the audited examples")],
+    strategy: Annotated[str, typer.Option("--strategy", help="ifd-top | drop-known | task-balanced | diverse | self-rehearsal")],
+    budget: Annotated[str | None, typer.Option("--budget", help="Examples to keep: N or P% of the audited examples (default: all)")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the random order within strategies")] = 0,
     dup_threshold: Annotated[float, typer.Option("--dup-threshold", help="diverse: MinHash Jaccard at or above which examples are near-duplicates")] = 0.8,
+    rehearsal_rouge: Annotated[float | None, typer.Option("--rehearsal-rouge", help="self-rehearsal: also use the base model's answer where its ROUGE-L F to the gold is at least this (default: exact match only)")] = None,
 ):
     """Choose a training set from an audit; writes FILE.jsonl and FILE.summary.json (kept/dropped per task)."""
     from ..select import run_select
 
-    run_guarded(lambda: run_select(audit_dir, out, strategy, budget, console, seed=seed, dup_threshold=dup_threshold))
+    run_guarded(lambda: run_select(audit_dir, out, strategy, budget, console, seed=seed, dup_threshold=dup_threshold,
+                                   rehearsal_rouge=rehearsal_rouge))
 
 
 @app.command("eval")
