@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from sftlab.config import EvalConfig, load_config
+from sftlab.data.answers import answer_distribution, degenerate, normalise_answer
 from sftlab.config import DataConfig
 from sftlab.evaluate.evaluate import evaluate
 from sftlab.train.loop import train
@@ -46,6 +47,42 @@ def task_rows(task: str, files: list[Path], seed: int, max_chars: int | None = N
             rows.append({"prompt": r["prompt"], "completion": r["completion"], "task": task})
     random.Random(f"{seed}-{task}").shuffle(rows)
     return rows
+
+
+def balanced_sample(rows: list[dict], n: int, seed: str) -> tuple[list[dict], str | None]:
+    """At most `n` of one template's rows with every answer equally often where its answers form a small set
+    (`answer_distribution`): the same number of each label, so always giving one answer scores 1 / labels. A
+    single-label or imbalanced template gives nothing and the reason (its accuracy would measure the majority
+    answer); free-form templates are sampled as they are."""
+    dist = answer_distribution([r["completion"].replace(STRIP, "") for r in rows])
+    if dist is None:
+        return rows[:n], None
+    if degenerate(dist):
+        return [], (f"{dist['labels'][dist['majority']]}/{dist['n']} answers are {dist['majority']!r}")
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(normalise_answer(r["completion"].replace(STRIP, "")), []).append(r)
+    per_label = min(n // len(by_label), min(map(len, by_label.values())))
+    picked = [r for group in by_label.values() for r in group[:per_label]]
+    return random.Random(seed).sample(picked, len(picked)), None
+
+
+def balanced_heldout(files: dict[str, list[Path]], tasks: list[str], per_task: int, seed: int,
+                     max_chars: int | None = None) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Each held-out task's evaluation rows, label-balanced template by template (`balanced_sample`, about
+    `per_task` per task), and the templates left out as single-label or imbalanced ({file stem: why})."""
+    heldout, excluded = {}, {}
+    for t in tasks:
+        kept = []
+        for f in files[t]:
+            sample, why = balanced_sample(task_rows(t, [f], seed, max_chars), -(-per_task // len(files[t])),
+                                          f"{seed}-{f.stem}")
+            kept += sample
+            if why:
+                excluded[f.stem] = why
+        if kept:
+            heldout[t] = random.Random(f"{seed}-{t}-heldout").sample(kept, len(kept))
+    return heldout, excluded
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

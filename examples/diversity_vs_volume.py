@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, STRIP, eval_run, fmt_ci, model_scores, t0_tasks, task_rows, train_run, write_jsonl  # noqa: E402
+from common import (SHARED, STRIP, balanced_heldout, eval_run, fmt_ci, model_scores, t0_tasks, task_rows,  # noqa: E402
+                    train_run, write_jsonl)
 
-from sftlab.data.answers import answer_distribution, degenerate, normalise_answer  # noqa: E402
 from sftlab.models import load_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -41,24 +40,6 @@ HERE = Path(__file__).resolve().parent
 def n_tokens(tokenizer, rows: list[dict]) -> int:
     texts = [r["prompt"] + r["completion"].replace(STRIP, "") for r in rows]
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-
-
-def balanced_sample(rows: list[dict], n: int, seed: str) -> tuple[list[dict], str | None]:
-    """At most `n` of one template's rows with every answer equally often where its answers form a small set
-    (`answer_distribution`): the same number of each label, so always giving one answer scores 1 / labels. A
-    single-label or imbalanced template gives nothing and the reason (its accuracy would measure the majority
-    answer); free-form templates are sampled as they are."""
-    dist = answer_distribution([r["completion"].replace(STRIP, "") for r in rows])
-    if dist is None:
-        return rows[:n], None
-    if degenerate(dist):
-        return [], (f"{dist['labels'][dist['majority']]}/{dist['n']} answers are {dist['majority']!r}")
-    by_label: dict[str, list[dict]] = {}
-    for r in rows:
-        by_label.setdefault(normalise_answer(r["completion"].replace(STRIP, "")), []).append(r)
-    per_label = min(n // len(by_label), min(map(len, by_label.values())))
-    picked = [r for group in by_label.values() for r in group[:per_label]]
-    return random.Random(seed).sample(picked, len(picked)), None
 
 
 def build_data(args, tokenizer, console: Console) -> dict:
@@ -74,17 +55,7 @@ def build_data(args, tokenizer, console: Console) -> dict:
     # held-out cluster: the evaluation set, one file per task (label-balanced per template unless --no-balance)
     excluded: dict[str, str] = {}
     if args.balance:
-        heldout = {}
-        for t in held:
-            kept = []
-            for f in files[t]:
-                sample, why = balanced_sample(task_rows(t, [f], args.seed, args.max_chars),
-                                              -(-args.eval_per_task // len(files[t])), f"{args.seed}-{f.stem}")
-                kept += sample
-                if why:
-                    excluded[f.stem] = why
-            if kept:
-                heldout[t] = random.Random(f"{args.seed}-{t}-heldout").sample(kept, len(kept))
+        heldout, excluded = balanced_heldout(files, held, args.eval_per_task, args.seed, args.max_chars)
     else:
         heldout = {t: rows[t][:args.eval_per_task] for t in held}
     eval_files = [write_jsonl(d / "heldout" / f"{t}.jsonl", r) for t, r in heldout.items()]

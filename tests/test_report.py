@@ -229,3 +229,24 @@ def test_tradeoff_reads_forgetting_from_the_format_independent_measure(tmp_path)
     assert "<td class='num'>10.000</td>" in html  # run a lost 10 points of choice accuracy
     del runs[1].eval["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"]  # not common: next measure
     assert "NLL/token of the first text file" in section_tradeoff(runs)
+
+
+def test_pareto_front_keeps_only_undominated_runs(tmp_path):
+    from sftlab.report.html import Run, pareto_front, section_tradeoff
+
+    pts = [{"name": "sft", "gain": 1.0, "forgetting": 5.0}, {"name": "kl", "gain": 0.6, "forgetting": 1.0},
+           {"name": "worse", "gain": 0.5, "forgetting": 2.0},  # kl has more gain and less forgetting
+           {"name": "tie", "gain": 1.0, "forgetting": 6.0},  # sft: same gain, less forgetting
+           {"name": "none", "gain": 0.0, "forgetting": 0.0}]
+    assert pareto_front(pts) == {"sft", "kl", "none"}
+    runs = []
+    for name, gain, acc in (("sft", 0.5, -0.08), ("kl", 0.3, -0.01), ("worse", 0.2, -0.05)):
+        m = fake_eval(0.3, 0.5)
+        m["deltas"]["macro"]["all"]["nll"] = _delta(-gain)
+        m["deltas"]["macro"]["seen"] = None
+        m["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"] = _delta(acc)
+        runs.append(Run(name, tmp_path, eval=m))
+    html = section_tradeoff(runs)
+    rows = {r.split("</td>")[0].split(">")[-1]: r for r in html.split("<tr>")[2:]}
+    assert rows["sft"].rstrip().endswith("<td>yes</td></tr>") and rows["kl"].rstrip().endswith("<td>yes</td></tr>")
+    assert "<td>yes</td>" not in rows["worse"] and "Pareto front" in html

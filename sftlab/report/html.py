@@ -424,6 +424,15 @@ def tradeoff_point(run: Run) -> dict | None:
             "measures": forgetting}
 
 
+def pareto_front(points: list[dict]) -> set[str]:
+    """Names of the points no other point dominates (at least as much gain and at most as much forgetting,
+    better in one): the runs worth choosing between."""
+    def dominates(q, p):
+        return (q["gain"] >= p["gain"] and q["forgetting"] <= p["forgetting"]
+                and (q["gain"] > p["gain"] or q["forgetting"] < p["forgetting"]))
+    return {p["name"] for p in points if not any(dominates(q, p) for q in points if q is not p)}
+
+
 def section_tradeoff(runs: list[Run]) -> str:
     points = [p for p in (tradeoff_point(r) for r in runs) if p]
     measure = next((m for m in FORGETTING_MEASURES if points and all(m in p["measures"] for p in points)), None)
@@ -432,12 +441,18 @@ def section_tradeoff(runs: list[Run]) -> str:
                    "general probe or text file in common (found %d)." % len(points))
     for p in points:
         p["forgetting"], p["forgetting_ci"] = p["measures"][measure]
+    front = pareto_front(points)
+    for p in points:
+        p["pareto"] = p["name"] in front
     unit = "points" if measure in QA_PERCENT else "nats"
     rows = [[escape(p["name"]), _num(p["gain"]), f"[{p['gain_ci'][0]:+.3f}, {p['gain_ci'][1]:+.3f}]",
-             _num(p["forgetting"]), f"[{p['forgetting_ci'][0]:+.3f}, {p['forgetting_ci'][1]:+.3f}]"] for p in points]
-    return (f"<p class='muted'>{escape(FORGETTING_MEASURES[measure])}</p>"
+             _num(p["forgetting"]), f"[{p['forgetting_ci'][0]:+.3f}, {p['forgetting_ci'][1]:+.3f}]",
+             "yes" if p["pareto"] else ""] for p in points]
+    note = (f"{FORGETTING_MEASURES[measure]}. Pareto front (★, joined): no other run has at least as much gain "
+            "with at most as much forgetting; point estimates — read the intervals before preferring one.")
+    return (f"<p class='muted'>{escape(note)}</p>"
             + _img(plots.tradeoff(points, FORGETTING_MEASURES[measure]), "task gain vs forgetting")
-            + _table(["run", "task gain (nats)", "95% CI", f"forgetting ({unit})", "95% CI"], rows,
+            + _table(["run", "task gain (nats)", "95% CI", f"forgetting ({unit})", "95% CI", "Pareto front"], rows,
                      num_cols={1, 2, 3, 4}))
 
 

@@ -110,7 +110,8 @@ def tradeoff(points: list[dict], xlabel: str = "forgetting: Δ general-probe gol
                                                    "forgotten)") -> str | None:
     """Task gain against forgetting, one point per run, with 95 % CI error bars.
 
-    `points`: [{"name", "forgetting", "forgetting_ci": [lo, hi], "gain", "gain_ci": [lo, hi]}]."""
+    `points`: [{"name", "forgetting", "forgetting_ci": [lo, hi], "gain", "gain_ci": [lo, hi], "pareto": bool}];
+    Pareto-front points are stars joined by a dashed line."""
     points = [p for p in points if p.get("gain") is not None and p.get("forgetting") is not None]
     if not points:
         return None
@@ -119,8 +120,14 @@ def tradeoff(points: list[dict], xlabel: str = "forgetting: Δ general-probe gol
     for i, p in enumerate(points):
         xerr = [[p["forgetting"] - p["forgetting_ci"][0]], [p["forgetting_ci"][1] - p["forgetting"]]]
         yerr = [[p["gain"] - p["gain_ci"][0]], [p["gain_ci"][1] - p["gain"]]]
-        ax.errorbar([p["forgetting"]], [p["gain"]], xerr=xerr, yerr=yerr, fmt="o", color=cmap(i % 10), capsize=3)
+        ax.errorbar([p["forgetting"]], [p["gain"]], xerr=xerr, yerr=yerr, fmt="*" if p.get("pareto") else "o",
+                    markersize=11 if p.get("pareto") else 6, color=cmap(i % 10), capsize=3)
         ax.annotate(p["name"], (p["forgetting"], p["gain"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    front = sorted((p for p in points if p.get("pareto")), key=lambda p: p["forgetting"])
+    if len(front) > 1:  # the Pareto front, from least forgetting to most gain
+        ax.plot([p["forgetting"] for p in front], [p["gain"] for p in front], "--", color="grey", lw=1,
+                label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel(xlabel)
