@@ -40,7 +40,7 @@ def demo_config(out: Path, data: dict[str, Path], model: str, overrides: list[st
         *precision, "train.save_every=8", "train.eval_every=8",
         "audit.limit_per_task=8",  # cheap: NLLs of 8 examples per family, no generation
         f"eval.data={j([str(data[s]) for s in EVAL_SPLITS])}", "eval.max_new_tokens=16", "eval.batch_size=32",
-        f"eval.general={j([str(data['general'])])}", "eval.qa_max_new_tokens=16",  # what it forgot
+        f"eval.general={j([str(data['general'])])}", "eval.qa_max_new_tokens=8", "eval.qa_shots=0",  # forgot: choices
         f"eval.generations={len(FAMILIES)}",  # one per family (eval takes them task by task)
         *overrides])
 

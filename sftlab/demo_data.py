@@ -343,11 +343,36 @@ GENERAL_FACTS = (
 )
 
 
+ARITHMETIC = 160  # questions of small-number arithmetic added to the facts (`arithmetic_questions`)
+
+
+def arithmetic_questions(n: int = ARITHMETIC) -> list[tuple[str, str, tuple[str, str, str]]]:
+    """`n` distinct small-number questions (addition, subtraction, multiplication; operands 2-12, results >= 0),
+    each with three wrong numbers near the right one (±1, ±2, ±10 where >= 0): the same form as the answer, so
+    only the arithmetic tells them apart. A fixed, seed-independent list."""
+    rng = random.Random("sftlab-demo:arithmetic")
+    ops = (("plus", lambda a, b: a + b), ("minus", lambda a, b: a - b), ("times", lambda a, b: a * b))
+    out, seen = [], set()
+    while len(out) < n:
+        (word, f), a, b = rng.choice(ops), rng.randint(2, 12), rng.randint(2, 12)
+        if word == "minus" and a < b:
+            a, b = b, a
+        if (word, a, b) in seen:
+            continue
+        seen.add((word, a, b))
+        right = f(a, b)
+        near = [x for x in (right + 1, right - 1, right + 2, right - 2, right + 10) if x >= 0]
+        wrong = tuple(str(x) for x in rng.sample(near, 3))
+        out.append((f"What is {a} {word} {b}?", str(right), wrong))
+    return out
+
+
 def general_probe(seed: int = 0) -> list[dict]:
-    """The general-knowledge probe as QA records {"question", "answer", "choices"} (options in a seeded order)."""
+    """The general-knowledge probe as QA records {"question", "answer", "choices"} (options in a seeded order):
+    `GENERAL_FACTS` and `arithmetic_questions()`, 200 questions."""
     rng = random.Random(f"sftlab-demo:{seed}:general")
     out = []
-    for question, answer, wrong in GENERAL_FACTS:
+    for question, answer, wrong in (*GENERAL_FACTS, *arithmetic_questions()):
         choices = [answer, *wrong]
         rng.shuffle(choices)
         out.append({"question": question, "answer": answer, "choices": choices})

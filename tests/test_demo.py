@@ -51,3 +51,7 @@ def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert "general knowledge (choice accuracy, 6 questions)" in out
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "choice_accuracy" in page and "No general-knowledge probe" not in page
+    glance = page.split("<section id='headline'>")[1].split("</section>")[0]  # the report opens with the headline
+    assert page.index("<section id='headline'>") < page.index("<section id='overview'>")
+    assert "Learned on seen tasks" in glance and "Generalised to unseen tasks" in glance
+    assert "Forgot?</b> general.jsonl, choice accuracy" in glance and "verdict-" in glance  # audit verdicts

@@ -163,15 +163,20 @@ def test_written_files_load_and_tokenize_through_the_pipeline(tmp_path, tokenize
     from sftlab.evaluate.forgetting import read_qa
 
     probe = read_qa([str(paths["general"])], tokenizer, resolve_template("default", tokenizer))
-    assert len(probe) == 40 and all(len(it.choices) == 4 and len(it.gold_choices) == 1 for it in probe)
+    assert len(probe) == 200 and all(len(it.choices) == 4 and len(it.gold_choices) == 1 for it in probe)
 
 
 def test_general_probe_is_well_formed_and_seeded():
     from sftlab.data.answers import normalise_answer
-    from sftlab.demo_data import GENERAL_FACTS, general_probe
+    from sftlab.demo_data import GENERAL_FACTS, arithmetic_questions, general_probe
 
     rows = general_probe(0)
-    assert len(rows) == len(GENERAL_FACTS) == 40 and len({r["question"] for r in rows}) == 40
+    assert len(GENERAL_FACTS) == 40 and len(rows) == 200 and len({r["question"] for r in rows}) == 200
+    for question, answer, wrong in arithmetic_questions():  # the answer is the arithmetic, the options near it
+        a, word, b = question.removeprefix("What is ").rstrip("?").split()
+        assert int(answer) == {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[word]
+        assert all(w != answer and int(w) >= 0 and abs(int(w) - int(answer)) in (1, 2, 10) for w in wrong)
+        assert len(set(wrong)) == 3
     for r in rows:
         assert len(r["choices"]) == 4 and sum(normalise_answer(c) == normalise_answer(r["answer"])
                                               for c in r["choices"]) == 1

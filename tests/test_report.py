@@ -250,3 +250,32 @@ def test_pareto_front_keeps_only_undominated_runs(tmp_path):
     rows = {r.split("</td>")[0].split(">")[-1]: r for r in html.split("<tr>")[2:]}
     assert rows["sft"].rstrip().endswith("<td>yes</td></tr>") and rows["kl"].rstrip().endswith("<td>yes</td></tr>")
     assert "<td>yes</td>" not in rows["worse"] and "Pareto front" in html
+
+
+def test_headline_says_what_was_learned_generalised_and_forgotten(tmp_path):
+    from sftlab.report.html import Run, section_headline
+
+    run = make_run(tmp_path, "run", 0.4, 0.0)
+    m = fake_eval(0.4, 0.0)
+    m["results"]["model"]["macro"]["seen"] = {"tasks": 1, "n": 4, "nll": 0.6, "exact_match": 0.75, "rouge_l": 0.8,
+                                             "accuracy": 0.75, "majority_baseline": 0.5}
+    m["results"]["base"]["macro"]["seen"] = {"tasks": 1, "n": 4, "nll": 1.0, "exact_match": 0.25, "rouge_l": 0.5,
+                                            "accuracy": 0.25, "majority_baseline": 0.5}
+    qa = m["results"]["model"]["general"]["qa"]["nq/dev.jsonl"]
+    qa["choice_accuracy"], m["results"]["base"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"] = 0.30, 0.45
+    m["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"] = _delta(-0.15)
+    (run / "eval" / "metrics.json").write_text(json.dumps(m))
+    html = section_headline([load_run(run)])
+    learned = html.split("Learned on seen tasks")[1].split("</li>")[0]
+    assert "25.0 % → 75.0 %" in learned and "always the commonest answer: 50.0 %" in learned
+    assert "Generalised to unseen tasks" not in html  # no unseen split in this evaluation
+    forgot = html.split("Forgot?")[1].split("</li>")[0]
+    assert "choice accuracy: 45.0 % → 30.0 %" in forgot and "forgotten (significantly lower)" in forgot
+    assert "class='bad'" in forgot
+    row = next(r for r in html.split("<tr>") if ">ag_news<" in r)
+    assert "verdict-known" in row  # the audit's verdict beside the task's gain
+    # the gold NLL alone never speaks for forgetting
+    del m["deltas"]["general"]["qa"]["nq/dev.jsonl"]["choice_accuracy"], qa["choice_accuracy"]
+    (run / "eval" / "metrics.json").write_text(json.dumps(m))
+    assert "no format-independent measure" in section_headline([load_run(run)])
+    assert "No evaluation against a base model" in section_headline([Run("x", tmp_path)])

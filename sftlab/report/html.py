@@ -26,7 +26,7 @@ from ..evaluate.forgetting import FORMAT_SENSITIVE, QA_METRICS, QA_PERCENT
 from ..io import progress, read_jsonl
 from . import plots
 
-SECTIONS = ("overview", "audit", "loss", "tasks", "ifeval", "forgetting", "tradeoff", "generations")
+SECTIONS = ("headline", "overview", "audit", "loss", "tasks", "ifeval", "forgetting", "tradeoff", "generations")
 MAX_TEXT = 2000  # characters of a prompt or generation shown
 
 CSS = """
@@ -183,6 +183,97 @@ def _stat(v):
 
 
 # ---- sections -----------------------------------------------------------------------------------------------------
+def _significance(d: dict | None, lower_better: bool = False) -> str:
+    """How a paired delta reads: better / worse when its 95 % CI excludes 0, else no measurable change."""
+    if not d:
+        return ""
+    lo, hi = d["ci95"]
+    if lo <= 0 <= hi:
+        return "no measurable change"
+    return "better" if (d["delta"] < 0) == lower_better else "worse"
+
+
+def _learned(model: dict, base: dict, deltas: dict, split: str, label: str) -> str | None:
+    """One sentence on a macro split: EM (and accuracy where tasks have label sets) and NLL, base -> tuned."""
+    v, b, d = model["macro"].get(split), (base["macro"].get(split) or {}), (deltas.get("macro", {}).get(split) or {})
+    if not v:
+        return None
+    parts = [f"exact match {_num(b.get('exact_match'), pct=True)} % → {_num(v['exact_match'], pct=True)} % "
+             f"(Δ {_delta(d.get('exact_match'), pct=True)})"]
+    if v.get("accuracy") is not None and b.get("accuracy") is not None:
+        majority = (f"; always the commonest answer: {_num(v['majority_baseline'], pct=True)} %"
+                    if v.get("majority_baseline") is not None else "")
+        parts.append(f"accuracy {_num(b['accuracy'], pct=True)} % → {_num(v['accuracy'], pct=True)} % "
+                     f"(Δ {_delta(d.get('accuracy'), pct=True)}{majority})")
+    parts.append(f"response NLL {_num(b.get('nll'))} → {_num(v['nll'])} (Δ {_delta(d.get('nll'), lower_better=True)})")
+    return f"<li><b>{escape(label)}</b> ({v.get('tasks', '–')} tasks): " + "; ".join(parts) + "</li>"
+
+
+def _forgot(ev: dict) -> str:
+    """One sentence per general probe, from its format-independent measure (never the gold NLL alone)."""
+    gen = ev["results"]["model"].get("general", {})
+    base = (ev["results"].get("base") or {}).get("general", {})
+    dg = (ev.get("deltas") or {}).get("general", {})
+    out = []
+    for path, v in gen.get("qa", {}).items():
+        key = next((k for k in ("choice_accuracy", "few_shot_exact_match") if v.get(k) is not None), None)
+        name = escape(Path(path).name)
+        if key is None:
+            out.append(f"<li><b>Forgot?</b> {name}: no format-independent measure (no options, no few-shot "
+                       "prompt); its gold NLL and zero-shot EM move with answer style alone</li>")
+            continue
+        d = (dg.get("qa", {}).get(path) or {}).get(key)
+        b = base.get("qa", {}).get(path, {}).get(key)
+        verdict = {"worse": "forgotten (significantly lower)", "better": "significantly higher",
+                   "no measurable change": "nothing measurably forgotten"}.get(_significance(d), "")
+        out.append(f"<li><b>Forgot?</b> {name}, {escape(key.replace('_', ' '))}: {_num(b, pct=True)} % → "
+                   f"{_num(v[key], pct=True)} % (Δ {_delta(d, pct=True)}): {escape(verdict)}</li>")
+    for path, v in gen.get("text", {}).items():
+        d = (dg.get("text", {}).get(path) or {}).get("nll")
+        verdict = {"worse": "higher: forgotten", "better": "lower",
+                   "no measurable change": "no measurable change"}.get(_significance(d, lower_better=True), "")
+        out.append(f"<li><b>Forgot?</b> {escape(Path(path).name)}: NLL/token Δ {_delta(d, lower_better=True)} "
+                   f"({escape(verdict)})</li>")
+    return "".join(out) or ("<li><b>Forgot?</b> <span class='muted'>not measured: evaluate with a general probe "
+                            "(sftlab eval --general) to see what tuning cost</span></li>")
+
+
+def section_headline(runs: list[Run]) -> str:
+    """What each run learned (seen tasks), how far it generalised (unseen tasks), what it forgot (general probes,
+    read from their format-independent measures), and per task the audit's verdict beside the gain."""
+    parts = []
+    for r in runs:
+        ev = r.eval
+        if not ev or not ev["results"].get("base"):
+            continue
+        model, base, deltas = ev["results"]["model"], ev["results"]["base"], ev.get("deltas") or {}
+        lines = [x for x in (_learned(model, base, deltas, "seen", "Learned on seen tasks"),
+                             _learned(model, base, deltas, "unseen", "Generalised to unseen tasks")) if x]
+        if not lines and model.get("tasks"):
+            lines.append(_learned(model, base, deltas, "all", "Task results"))
+        lines.append(_forgot(ev))
+        verdicts = {t: v.get("verdict") for t, v in ((r.audit_tasks or {}).get("tasks") or {}).items()}
+        rows = []
+        for t, v in model.get("tasks", {}).items():
+            d = deltas.get("tasks", {}).get(t, {})
+            verdict = verdicts.get(t)
+            cell = f"<span class='verdict-{escape(verdict)}'>{escape(verdict)}</span>" if verdict else "–"
+            seen = v.get("seen")
+            rows.append([escape(t), "" if seen is None else ("seen" if seen else "unseen"), cell,
+                         _num(base["tasks"].get(t, {}).get("exact_match"), pct=True), _num(v["exact_match"], pct=True),
+                         _delta(d.get("exact_match"), pct=True), _delta(d.get("nll"), lower_better=True)])
+        head = f"<h3>{escape(r.name)}</h3>" if len(runs) > 1 else ""
+        table = _table(["task", "", "audit verdict (before training)", "base EM %", "tuned EM %", "Δ EM [95% CI]",
+                        "Δ NLL [95% CI]"], rows, num_cols={3, 4, 5, 6}) if rows else ""
+        parts.append(head + "<ul>" + "".join(lines) + "</ul>" + table)
+    if not parts:
+        return _na("No evaluation against a base model found (sftlab eval --base, or sftlab run with eval).")
+    return ("<p class='muted'>Δ = tuned − base, paired-bootstrap 95 % CI; green/red only where the CI excludes 0. "
+            "Forgetting is read from measures a change of answer style cannot move (choice accuracy, few-shot "
+            "exact match). The audit verdict says what the base model already knew of each trained task.</p>"
+            + "".join(parts))
+
+
 def section_overview(runs: list[Run]) -> str:
     rows = []
     for r in runs:
@@ -476,13 +567,13 @@ def section_generations(runs: list[Run], n: int) -> str:
     return "".join(parts) or _na("No generations found (sftlab eval writes them to metrics.json).")
 
 
-TITLES = {"overview": "Runs", "audit": "Knowledge audit", "loss": "Loss curves", "tasks": "Per-task results",
+TITLES = {"headline": "At a glance", "overview": "Runs", "audit": "Knowledge audit", "loss": "Loss curves", "tasks": "Per-task results",
           "ifeval": "Instruction following (IFEval)",
           "forgetting": "Forgetting", "tradeoff": "Mitigation trade-off", "generations": "Generations side by side"}
 
 
 def render_report(runs: list[Run], generations: int = 5, on_section=None) -> str:
-    builders = {"overview": lambda: section_overview(runs), "audit": lambda: section_audit(runs),
+    builders = {"headline": lambda: section_headline(runs), "overview": lambda: section_overview(runs), "audit": lambda: section_audit(runs),
                 "loss": lambda: section_loss(runs), "tasks": lambda: section_tasks(runs),
                 "ifeval": lambda: section_ifeval(runs),
                 "forgetting": lambda: section_forgetting(runs), "tradeoff": lambda: section_tradeoff(runs),
