@@ -23,6 +23,7 @@ from rich.text import Text
 from . import layout
 from .config import RunConfig, load_config
 from .demo_data import FAMILIES, HELDOUT_TASKS, write_demo_data
+from .io import table_console
 
 EVAL_SPLITS = ("heldout_instances", "heldout_tasks")
 
@@ -122,7 +123,7 @@ def run_demo(out_dir: str | Path = "runs/demo", model: str = "default", override
 
 
 def _print(s_before, s_after, gens: list[dict]) -> None:
-    con = Console()
+    con = table_console()
     t = Table(title="exact match on held-out data (before -> after fine-tuning)")
     for col in ("split", "family", "before", "after"):
         t.add_column(col, justify="right" if col in ("before", "after") else "left")

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,14 +61,86 @@ def read_jsonl(path: Path, tolerate_torn_tail: bool = False) -> list[dict]:
     return rows
 
 
-def progress(label: str, console: Console | None, unit: str = "", disable: bool = False) -> Progress:
+def progress(label: str, console: Console | None, unit: str = "", disable: bool = False) -> Progress | PlainProgress:
     """The progress bar of every long step: label, bar, done/total, unit or info, elapsed, ETA.
 
     Use as `with progress(...) as p: bar = p.add_task(label, total=N, info="")`; `info` is free text updated
-    with `p.update(bar, info=...)`."""
+    with `p.update(bar, info=...)`. On a console that is not a terminal (output redirected to a file, a batch
+    job's log) a bar is never drawn: `PlainProgress` prints a plain line every `SFTLAB_LOG_EVERY` seconds
+    (default 30) and when a task completes."""
+    console = console or Console(stderr=True)
+    if not console.is_terminal and not disable and not console.quiet:
+        return PlainProgress(label, console, unit, float(os.environ.get("SFTLAB_LOG_EVERY", "30")))
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(unit or "{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=console, disable=disable)
+
+
+NATURAL_WIDTH = 400  # columns of a table console that is not a terminal: tables keep their natural width
+
+
+def table_console() -> Console:
+    """The console tables and results are printed on (stdout): a terminal's width, or — redirected to a file, as
+    in a batch job — wide enough that tables keep their natural width instead of being cut at 80 columns."""
+    c = Console()
+    return c if c.is_terminal else Console(width=NATURAL_WIDTH)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class PlainProgress:
+    """The progress API sftlab uses (`add_task`, `advance`, `update`, a context manager) as plain log lines:
+    "label: done/total (pct) info, elapsed h:mm:ss, ETA h:mm:ss", at most every `every` seconds per task, and
+    once when a task reaches its total."""
+
+    def __init__(self, label: str, console: Console, unit: str = "", every: float = 30.0):
+        self.label, self.console, self.unit, self.every = label, console, unit, every
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str = "", total: float | None = None, completed: float = 0, **fields) -> int:
+        now = time.monotonic()
+        tid = len(self.tasks)
+        self.tasks[tid] = {"description": description, "total": total, "completed": completed, "fields": fields,
+                           "start": now, "last": now, "done": False}
+        return tid
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, **fields) -> None:
+        t = self.tasks[task_id]
+        if total is not None:
+            t["total"] = total
+        if completed is not None:
+            t["completed"] = completed
+        if advance:
+            t["completed"] += advance
+        t["fields"].update({k: v for k, v in fields.items() if k != "description"})
+        now = time.monotonic()
+        finished = t["total"] is not None and t["completed"] >= t["total"] and not t["done"]
+        if finished or (now - t["last"] >= self.every and not t["done"]):
+            t["last"], t["done"] = now, finished
+            self.console.print(self.line(t, now), highlight=False, markup=False, soft_wrap=True)
+
+    def line(self, t: dict, now: float) -> str:
+        elapsed = now - t["start"]
+        done, total = t["completed"], t["total"]
+        count = f"{done:,.0f}/{total:,.0f} ({100 * done / total:.0f}%)" if total else f"{done:,.0f}"
+        eta = (f", ETA {_clock(elapsed * (total - done) / done)}" if total and 0 < done < total else "")
+        info = self.unit or str(t["fields"].get("info", ""))
+        name = t["description"] if t["description"] and t["description"] != self.label else ""
+        return (f"{self.label}{' ' + name if name else ''}: {count}{' ' + info if info else ''}, "
+                f"elapsed {_clock(elapsed)}{eta}")
 
 
 class DirectoryBusy(RuntimeError):

@@ -40,7 +40,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import layout
-from .io import atomic_write, read_jsonl
+from .io import atomic_write, read_jsonl, table_console
 
 STRATEGIES = ("ifd-top", "drop-known", "task-balanced", "diverse", "self-rehearsal")
 
@@ -315,7 +315,7 @@ def run_select(audit_dir: str | Path, out: str | Path, strategy: str, budget: st
     summary["out"] = str(out)
     with atomic_write(layout.selection_summary(out)) as f:
         json.dump(summary, f, indent=2)
-    print_selection(summary, table or (Console(quiet=True) if console.quiet else Console()))
+    print_selection(summary, table or (Console(quiet=True) if console.quiet else table_console()))
     drops = ", ".join(f"{v:,} {k}" for k, v in sorted(summary["dropped"].items())) or "none"
     n_tasks = sum(1 for s in summary["tasks"].values() if s["kept"])
     own = (f"; {summary['rehearsed']:,} trained on the base model's own answer, {summary['gold']:,} on the gold"

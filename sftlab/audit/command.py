@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..data.pipeline import DataReport, record_progress
 from ..data.split import load_clusters
 from ..data.template import resolve_template
-from ..io import output_lock, progress
+from ..io import output_lock, progress, table_console
 from ..lm import base_model
 from ..modelcheck import scoring_attention
 from . import store
@@ -137,7 +137,7 @@ def _audit(inputs, out_dir, cfg, data, model_path, overwrite, console, model, to
                 task_map_clusters=load_clusters(data.task_map) or None)
     store.write_meta(out_dir, meta)
     store.remove_partial(out_dir)
-    print_task_table(summary, table or (Console(quiet=True) if console.quiet else Console()))
+    print_task_table(summary, table or (Console(quiet=True) if console.quiet else table_console()))
     counts = Counter(s["verdict"] for s in summary["tasks"].values())
     console.print(f"[green]done[/] audited {len(items):,} examples in {len(summary['tasks'])} tasks "
                   f"({len(items) - len(pending):,} resumed, {scored_tokens:,} tokens scored in {wall:.0f} s"

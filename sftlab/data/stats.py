@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..io import atomic_write
+from ..io import atomic_write, table_console
 from ..config import DataConfig
 from .answers import answer_distribution, answer_warning, degenerate
 from .pipeline import DataReport, iter_examples, record_progress
@@ -111,7 +111,7 @@ def render_trained(ex, tokenizer) -> Text:
 
 
 def _print_inspect(stats: dict, report: DataReport, sample, tokenizer, console: Console) -> None:
-    out = Console()
+    out = table_console()
     t = Table(title="sftlab data inspect", show_header=False)
     t.add_row("records / kept", f"{stats['records']:,} / {stats['kept']:,}")
     t.add_row("formats", ", ".join(f"{k}: {v:,}" for k, v in stats["formats"].items()))

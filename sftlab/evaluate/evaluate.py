@@ -79,7 +79,7 @@ from ..data.tokenize import Example
 from ..data.validate import InvalidLog
 from ..ifeval import responses as ifeval_responses
 from ..ifeval import score as ifeval_score
-from ..io import progress
+from ..io import progress, table_console
 from . import forgetting, generalization
 from . import scoring
 
@@ -357,14 +357,14 @@ def _evaluate(cfg: EvalConfig, model: str, out: Path, data_opts: DataConfig, bas
                     f.write(json.dumps({"model": role, "kind": "qa", "file": path, **row}, ensure_ascii=False) + "\n")
     with atomic_write(out / layout.EVAL_METRICS) as f:
         f.write(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    print_summary(metrics, Console())
+    print_summary(metrics, table_console())
     if metrics["ifeval"]:
         lines = ifeval_score.summary_lines(metrics["ifeval"]["model"])
         d = metrics["ifeval"].get("deltas")
         if d:
             lines += [f"vs base: {k} {100 * v['delta']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
                       for k, v in d.items() if k in ifeval_score.FIGURES]
-        Console().print("\n".join(lines), highlight=False, markup=False)
+        table_console().print("\n".join(lines), highlight=False, markup=False)
     for line in metrics["data"]["answer_warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False)
     if inp.report.special_text:
