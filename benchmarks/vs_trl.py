@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds (each tool once per round)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or fp32, both tools")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--attention", default="auto", help="sftlab's model.attn_implementation (auto, sdpa, "
+                   "flash_attention_2, segments, eager); the attention variants of --ablation override it")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every run (CPU)")
     p.add_argument("--trl-modes", default="padding,padding_free",
                    help=f"comma-separated TRL batch modes among {','.join(TRL_MODES)}; the best is compared")
@@ -134,7 +136,8 @@ def sftlab_config(spec: dict, variant: str = "full"):
         "output_dir": spec.get("run_dir", "runs/vs-trl"),
         "model": {"path": spec["model_dir"], "dtype": "fp32",
                   "attn_implementation": {"eager_attention": "eager", "sdpa_attention": "sdpa",
-                                          "flash_attention": "segments_flash"}.get(variant, "auto")},
+                                          "flash_attention": "segments_flash"}.get(variant,
+                                                                                   spec.get("attention", "auto"))},
         "data": {"train": [spec["data_file"]], "strip": spec["strip"], "max_length": spec["max_length"],
                  "skip_invalid": True},
         "train": {"max_steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "seed": spec["seed"],
@@ -634,7 +637,8 @@ def loss_tolerance(precision: str) -> float:
 def base_spec(args, model_dir: str, data_file: str) -> dict:
     return {"model_dir": model_dir, "data_file": data_file, "strip": list(args.strip), "max_length": args.max_length,
             "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "lr": args.lr,
-            "seed": args.seed, "precision": args.precision, "device": args.device, "threads": args.threads}
+            "seed": args.seed, "precision": args.precision, "device": args.device, "threads": args.threads,
+            "attention": getattr(args, "attention", "auto")}
 
 
 def build_arch(arch: str, tokenizer_spec: str, out: Path, seed: int) -> Path:
