@@ -17,8 +17,9 @@ skipped). Each model is evaluated against the base (`sftlab eval --base default`
   - gain: the whole held-out T0 cluster (`--holdout-cluster`, label-balanced, single-label templates left out):
     Δ macro NLL, accuracy and ROUGE-L;
   - forgetting: NQ-open and GSM8K questions — choice accuracy (the gold answer ranked among other questions'
-    answers of the same form: a change of answer style cannot move it) and NQ exact match under a fixed 3-shot
-    prompt — plus the running forgetting proxy's final KL(p_base ‖ p_tuned) on held-out training examples.
+    answers of the same form: a change of answer style cannot move it; with `--qa-shots K` also exact match under
+    a fixed K-shot prompt) — plus the running forgetting proxy's final KL(p_base ‖ p_tuned) on held-out training
+    examples.
 Writes results.json, prints the table, and `sftlab report` over all variants (report.html: the trade-off plot
 with the Pareto front).
 
@@ -100,16 +101,18 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=SHARED)
     p.add_argument("--holdout-cluster", default="sentiment")
     p.add_argument("--per-task", type=int, default=16, help="training examples per T0 task")
-    p.add_argument("--eval-per-task", type=int, default=50, help="held-out examples per task of the cluster")
+    p.add_argument("--eval-per-task", type=int, default=40, help="held-out examples per task of the cluster")
     p.add_argument("--max-chars", type=int, default=1500)
-    p.add_argument("--nq", type=int, default=200, help="NQ-open dev questions")
-    p.add_argument("--gsm8k", type=int, default=150, help="GSM8K questions (final-number answers)")
+    p.add_argument("--nq", type=int, default=150, help="NQ-open dev questions")
+    p.add_argument("--gsm8k", type=int, default=100, help="GSM8K questions (final-number answers)")
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--kl", type=float, default=1.0, help="train.kl_to_base λ of kl and asft")
     p.add_argument("--replay-ratio", type=float, default=0.25)
     p.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT: weight of the sft model")
     p.add_argument("--rehearsal-rouge", type=float, default=None, help="self-rehearsal: ROUGE-L threshold")
+    p.add_argument("--qa-shots", type=int, default=0, help="few-shot EM on the probes (0: choice accuracy only, "
+                   "the format-independent measure; each shot adds a generation per question and model)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -154,7 +157,8 @@ def main() -> None:
     heldout = [a for f in data["heldout"] for a in ("--data", f)]
     for v in variants:
         sftlab("eval", "--model", models[v], "--base", "default", *heldout, *general, "--task-field", "task",
-               "--strip", STRIP, "--max-new-tokens", "16", "--qa-max-new-tokens", "16", "--seed", args.seed,
+               "--strip", STRIP, "--max-new-tokens", "16", "--qa-max-new-tokens", "8", "--qa-shots", args.qa_shots,
+               "--seed", args.seed,
                "--out", runs / v / "eval")
 
     result = {"data": data["info"], "variants": {}, "settings": {k: str(x) for k, x in vars(args).items()}}
@@ -188,7 +192,7 @@ def print_table(result: dict) -> None:
                     f"'{info['heldout_cluster']}' cluster ({info['heldout_examples']} examples), forgetting on "
                     f"NQ-open ({info['nq']}) and GSM8K ({info['gsm8k']}): Δ vs base [95% CI]")
     for col in ("variant", "held-out NLL Δ", "held-out acc Δ", "held-out ROUGE-L Δ", "NQ choice acc Δ",
-                "GSM8K choice acc Δ", "NQ 3-shot EM Δ", "drift KL"):
+                "GSM8K choice acc Δ", "NQ few-shot EM Δ", "drift KL"):
         t.add_column(col)
 
     def c(x, pct=False):
