@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (SHARED, STRIP, balanced_heldout, eval_run, fmt_ci, model_scores, t0_tasks, task_rows,  # noqa: E402
                     train_run, write_jsonl)
 
+from sftlab.io import table_console  # noqa: E402
 from sftlab.models import load_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -152,7 +153,7 @@ def main() -> None:
                   f"{result['majority_baseline']:.1%}", f"{result['majority_baseline']:.1%}", "", "")
     t.add_row("diverse − narrow", "paired", dd("accuracy", True), dd("exact_match", True), dd("rouge_l", True),
               dd("nll", False))
-    Console().print(t)
+    table_console().print(t)
     for stem, why in data["info"]["excluded_templates"].items():
         console.print(f"left out of the held-out set: {stem} ({why})")
     console.print(f"{result['degenerate_tasks']} of {len(data['eval'])} evaluated tasks single-label or imbalanced")

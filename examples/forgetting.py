@@ -31,6 +31,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, eval_run, t0_tasks, task_rows, train_run, write_jsonl  # noqa: E402
 
+from sftlab.io import table_console  # noqa: E402
 from sftlab.evaluate.metrics import paired_bootstrap_ci  # noqa: E402
 from sftlab.models import interpolate  # noqa: E402
 
@@ -150,7 +151,7 @@ def main() -> None:
         t.add_row(v, c(r["task_rouge_l"], True), c(r["task_nll"]), c(r["nq_choice_accuracy"], True),
                   c(r["nq_few_shot_exact_match"], True), c(r["nq_few_shot_contains"], True), c(r["nq_gold_nll"]),
                   c(r["nq_contains"], True))
-    Console().print(t)
+    table_console().print(t)
     plot(result, args.out / "forgetting.png")
     console.print(f"done in {result['wall_s'] / 60:.1f} min -> {args.out / 'results.json'}, {args.out / 'forgetting.png'}")
 

@@ -23,6 +23,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, eval_run, fmt_ci, model_scores, t0_tasks, task_rows, train_run, write_jsonl  # noqa: E402
 
+from sftlab.io import table_console  # noqa: E402
+
 RECIPE = ["model.path=default", "data.max_length=512", "train.epochs=1", "train.batch_size=8", "train.lr=1e-4",
           "train.warmup_ratio=0.05", "train.precision=bf16", "train.seed=0"]
 
@@ -89,7 +91,7 @@ def main() -> None:
                   cell("accuracy", True))
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    Console().print(t)
+    table_console().print(t)
     console.print(f"done in {result['wall_s'] / 60:.1f} min -> {args.out / 'results.json'}")
 
 

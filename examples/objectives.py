@@ -13,7 +13,7 @@ recipe (`RECIPE` plus the variant's keys). Variants:
   replay          Cherry-Alpaca mixed into every batch (train.replay.ratio)
   wise-ft         sftlab merge --interpolate α of the sft model with the base (WiSE-FT)
 Every step is an `sftlab` command in its own process (peak memory: one training), resumable (finished steps are
-skipped). Each model is evaluated against the base (`sftlab eval --base default`, paired bootstrap 95 % CIs) on
+skipped). Each model is evaluated against the base (`sftlab eval --base MODEL`, paired bootstrap 95 % CIs) on
   - gain: the whole held-out T0 cluster (`--holdout-cluster`, label-balanced, single-label templates left out):
     Δ macro NLL, accuracy and ROUGE-L;
   - forgetting: NQ-open and GSM8K questions — choice accuracy (the gold answer ranked among other questions'
@@ -41,6 +41,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, STRIP, balanced_heldout, t0_tasks, task_rows, write_jsonl  # noqa: E402
+
+from sftlab.io import table_console  # noqa: E402
 
 VARIANTS = ("sft", "dft", "asft", "eaft", "self-rehearsal", "kl", "replay", "wise-ft")
 
@@ -99,6 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/objectives"))
     p.add_argument("--shared", type=Path, default=SHARED)
+    p.add_argument("--model", default="default", help="the base model (a dir, .gguf or default)")
     p.add_argument("--holdout-cluster", default="sentiment")
     p.add_argument("--per-task", type=int, default=16, help="training examples per T0 task")
     p.add_argument("--eval-per-task", type=int, default=40, help="held-out examples per task of the cluster")
@@ -115,6 +118,7 @@ def main() -> None:
                    "the format-independent measure; each shot adds a generation per question and model)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="training overrides for every variant, e.g. train.lr=5e-5")
     args = p.parse_args()
     console = Console(stderr=True)
     t_start = time.perf_counter()
@@ -127,7 +131,7 @@ def main() -> None:
     data = build_data(args)
     console.print(data["info"])
     runs = args.out / "runs"
-    recipe = ["model.path=default", f"data.train=[{data['train']}]", "data.task_field=task", f"data.strip=[{STRIP}]",
+    recipe = [f"model.path={args.model}", f"data.train=[{data['train']}]", "data.task_field=task", f"data.strip=[{STRIP}]",
               "data.max_length=512", "data.validation_fraction=0.05", f"train.epochs={args.epochs}",
               "train.batch_tokens=2048", f"train.lr={args.lr}", "train.warmup_ratio=0.05", "train.precision=bf16",
               f"train.seed={args.seed}", "train.eval_every=10", "train.drift_examples=24",
@@ -136,7 +140,7 @@ def main() -> None:
     if "self-rehearsal" in variants:
         audit = args.out / "audit"
         if not (audit / "tasks.json").exists():
-            sftlab("audit", data["train"], "--model", "default", "--out", audit, "--task-field", "task", "--strip",
+            sftlab("audit", data["train"], "--model", args.model, "--out", audit, "--task-field", "task", "--strip",
                    STRIP, "--generate", "--max-new-tokens", "48", "--dtype", "bf16", "--max-length", "512")
         selection = args.out / "self-rehearsal.jsonl"
         if not selection.exists():
@@ -146,17 +150,17 @@ def main() -> None:
     for v in variants:
         if v == "wise-ft":
             continue
-        sftlab("train", f"output_dir={runs / v}", *recipe, *variant_overrides(v, args, selection))
+        sftlab("train", f"output_dir={runs / v}", *recipe, *variant_overrides(v, args, selection), *args.overrides)
         models[v] = runs / v / "model"
     if "wise-ft" in variants:
         models["wise-ft"] = runs / "wise-ft" / "model"
         if not (models["wise-ft"] / "config.json").exists():
-            sftlab("merge", models["sft"], "--interpolate", args.alpha, "--base", "default", "--out",
+            sftlab("merge", models["sft"], "--interpolate", args.alpha, "--base", args.model, "--out",
                    models["wise-ft"])
     general = [a for g in data["general"] for a in ("--general", g)]
     heldout = [a for f in data["heldout"] for a in ("--data", f)]
     for v in variants:
-        sftlab("eval", "--model", models[v], "--base", "default", *heldout, *general, "--task-field", "task",
+        sftlab("eval", "--model", models[v], "--base", args.model, *heldout, *general, "--task-field", "task",
                "--strip", STRIP, "--max-new-tokens", "16", "--qa-max-new-tokens", "8", "--qa-shots", args.qa_shots,
                "--seed", args.seed,
                "--out", runs / v / "eval")
@@ -207,7 +211,7 @@ def print_table(result: dict) -> None:
                   c(r["nq_choice_accuracy"], True), c(r["gsm8k_choice_accuracy"], True),
                   c(r["nq_few_shot_exact_match"], True),
                   " / ".join(f"{k} {x:.3f}" for k, x in kl.items()) or "-")
-    Console().print(t)
+    table_console().print(t)
 
 
 if __name__ == "__main__":
