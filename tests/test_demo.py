@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 from rich.console import Console
 
@@ -55,3 +56,13 @@ def test_demo_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert page.index("<section id='headline'>") < page.index("<section id='overview'>")
     assert "Learned on seen tasks" in glance and "Generalised to unseen tasks" in glance
     assert "Forgot?</b> general.jsonl, choice accuracy" in glance and "verdict-" in glance  # audit verdicts
+    from test_report import chromium, console_messages, run_chromium
+
+    if chromium() is None:
+        assert os.environ.get("CI") != "true", "CI=true but chromium is missing: .ci/run installs it"
+        return
+    dom = run_chromium(tmp_path, "--dump-dom", (tmp_path / "demo" / "report.html").resolve().as_uri())
+    assert dom.returncode == 0 and console_messages(dom.stderr) == []
+    for sid in ("headline", "forgetting"):  # rendered, and not the "nothing found" note
+        section = dom.stdout.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "<table>" in section and "No general-knowledge probe" not in section, sid
