@@ -137,6 +137,9 @@ class TrainConfig(Strict):
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package)")
     fused_adamw: bool | None = Field(None, description="Fused AdamW (None: where available)")
     compile: bool = Field(False, description="torch.compile the model")
+    fsdp: bool = Field(False, description="Shard parameters, gradients and optimizer state over the processes with "
+                       "PyTorch FSDP2 (fully_shard per decoder layer; launch with torchrun or accelerate launch, "
+                       "a multi-process non-FSDP config); precision fp32 or bf16")
     malloc_tuning: bool = Field(True, description="glibc: keep freed memory for reuse instead of returning it to the "
                                 "OS after every op (faster CPU steps; sftlab/train/runtime.py)")
     # forgetting mitigations (docs/training.md, "Mitigations")

@@ -91,10 +91,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, params: dict[str, torch.Tensor], optimizer, scheduler,
                     trainer_state: dict, keep_last: int, rank: int = 0, world_size: int = 1,
-                    barrier=lambda: None) -> Path:
+                    barrier=lambda: None, sharded_optimizer: bool = False) -> Path:
     """Write checkpoint `step` atomically under `root/checkpoints` and prune to the last `keep_last`.
 
-    params: the trainable parameters by name (the model's, or their fp32 master copies)."""
+    params: the trainable parameters by name, whole (the model's, or their fp32 master copies; under FSDP gathered
+    first, `sharding.gathered`). sharded_optimizer: every process writes its own shard of the optimizer state
+    (`optimizer-RANK.pt`) instead of rank 0 writing the whole state."""
     ckpts = Path(root) / "checkpoints"
     tmp = ckpts / f".step-{step:08d}.tmp"
     final = ckpts / f"step-{step:08d}"
@@ -105,11 +107,18 @@ def save_checkpoint(root: Path, step: int, params: dict[str, torch.Tensor], opti
     barrier()
     try:
         write_rng_state(tmp, rank)
+        if sharded_optimizer:
+            from .sharding import local_optimizer_state
+
+            torch.save(local_optimizer_state(optimizer), tmp / f"optimizer-{rank}.pt")
         if rank == 0:
             save_file(trainable_state(params), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded_optimizer:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({**trainer_state, "world_size": world_size}, indent=2))
+            (tmp / "state.json").write_text(json.dumps({**trainer_state, "world_size": world_size,
+                                                        "optimizer_shards": world_size if sharded_optimizer else 0},
+                                                       indent=2))
         barrier()
         if rank == 0:
             _fsync_tree(tmp)
@@ -153,9 +162,11 @@ def read_checkpoint(path: Path, rank: int = 0) -> dict:
     """Every file of a checkpoint, read and checked, nothing applied: a `CheckpointError` for one that is
     truncated, corrupt or from another format."""
     try:
-        return {"state": json.loads((path / "state.json").read_text()),
+        state = json.loads((path / "state.json").read_text())
+        optimizer = path / (f"optimizer-{rank}.pt" if state.get("optimizer_shards") else "optimizer.pt")
+        return {"state": state,
                 "tensors": load_file(str(path / "trainable.safetensors")),
-                "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+                "optimizer": torch.load(optimizer, weights_only=True),
                 "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
                 "rng": read_rng_state(path, rank)}
     except Exception as e:  # safetensors, json, torch and the OS each raise their own types
@@ -172,10 +183,13 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, sche
     if missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}); was it written with another config?")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    from .sharding import load_sharded, restore_sharded_optimizer
+
+    load_sharded(params, tensors)  # each process its own shards of a sharded (FSDP) parameter
+    if ckpt["state"].get("optimizer_shards"):
+        restore_sharded_optimizer(optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["rng"] is not None:
         set_rng_state(ckpt["rng"])

@@ -48,6 +48,7 @@ from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, remo
 from .components import apply_lora, load_training_model, lr_lambda
 from .lifecycle import TrainingInterrupted, completed, config_hash, stop_requested, stop_signals
 from .drift import DriftProbe, build_probe, drift_kl, probe_examples
+from .sharding import full_state_dict, gathered, scalar, shard
 from .loss import TokenObjective, sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
@@ -94,6 +95,7 @@ class Setup:
     anchor: dict | None  # θ0 of L2-SP
     pad_id: int
     drift: DriftProbe | None = None  # the running forgetting proxy's probe sets (train.drift_examples)
+    sharded: bool = False  # train.fsdp: the module is FSDP2-sharded (`sharding.py`)
 
     @property
     def pool(self) -> list[Example]:  # micro-batch index len(train_ex) + j is replay example j
@@ -187,6 +189,11 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     if t.precision == "bf16-master" and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(f"train.precision=bf16-master works in one process or under DDP; with "
                          f"{accelerator.distributed_type.name} use precision: bf16 (its own mixed precision)")
+    if t.fsdp and (t.precision == "bf16-master" or t.compile
+                   or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")):
+        raise ValueError("train.fsdp shards with PyTorch's fully_shard itself: use precision fp32 or bf16, no "
+                         "train.compile, and a launch config that is not accelerate's FSDP/DeepSpeed plugin "
+                         f"(got precision {t.precision}, compile {t.compile}, {accelerator.distributed_type.name})")
     if t.precision != "fp32" and not bf16_native(accelerator.device.type):
         where = "CPU (no AVX-512 BF16 or AMX)" if accelerator.device.type == "cpu" else accelerator.device.type
         warnings.warn(f"train.precision={t.precision}: bf16 is not native on this {where}: bf16 matmuls are "
@@ -215,12 +222,6 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
         cast_model(model, torch.bfloat16)
         if base_copy is not None:
             cast_model(base_copy, torch.bfloat16)
-    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
-    fused = t.fused_adamw if t.fused_adamw is not None else all(p.device.type in ("cpu", "cuda") for p in params)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(stream.steps, int(t.warmup_ratio * stream.steps), t.scheduler))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     drift = None
     if t.drift_examples:  # before any update or restored checkpoint: the base model's distributions
@@ -231,10 +232,21 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
                            objective=TokenObjective(t.objective, t.eaft_top_k, t.eaft_alpha))
     if t.compile:
         module = torch.compile(module)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if t.fsdp:  # before the optimizer: sharding replaces the parameters with DTensors
+        model.to(accelerator.device)
+        shard(module, model)
+    params = master.params if master else [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
+    fused = t.fused_adamw if t.fused_adamw is not None else (
+        not t.fsdp and all(p.device.type in ("cpu", "cuda") for p in params))
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(stream.steps, int(t.warmup_ratio * stream.steps), t.scheduler))
+    if not t.fsdp:  # FSDP2 needs no wrapper: the sharded module is used as it is
+        module, optimizer = accelerator.prepare(module, optimizer)
     anchor = l2_anchor(model, base_copy, master) if t.l2_to_base else None  # θ0, before any resume
     return Setup(accelerator, tokenizer, tmpl, train_ex, eval_ex, replay_ex, report, replay_report, stream, module,
-                 optimizer, scheduler, master, params, anchor, pad_id, drift)
+                 optimizer, scheduler, master, params, anchor, pad_id, drift, t.fsdp)
 
 
 def drift_sets(cfg: RunConfig, tokenizer, tmpl, train_ex: list[Example], eval_ex: list[Example]
@@ -333,19 +345,25 @@ def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
     world, rank = acc.num_processes, acc.process_index
     global_weight = sum(trained_weight([pool[j] for j in b]) for b in group)
     mine = group[rank::world]
+    # FSDP: every forward and backward is collective, so every process runs as many micro-batches; one that has
+    # fewer repeats one with weight 0 (DDP syncs on the last micro-batch only and needs no padding)
+    pad = -(-len(group) // world) - len(mine) if run.sharded else 0
     sums = torch.zeros(3, dtype=torch.float64)  # objective sum, KL sum, plain NLL sum
     tokens = 0
-    for i, b in enumerate(mine):
+    for i, b in enumerate(mine + [(mine or group)[-1]] * pad):
+        padding = i >= len(mine)
         batch = collate([pool[j] for j in b], t.batching, run.pad_id)
-        tokens += int(batch["input_ids"].numel())
-        last = i == len(mine) - 1
+        last = i == len(mine) + pad - 1
         with contextlib.nullcontext() if last else acc.no_sync(run.module):
             with acc.autocast():
                 part = run.module(batch)
             objective = part.objective if part.kl is None else part.objective + t.kl_to_base * part.kl
-            acc.backward(objective * (world / global_weight))
+            acc.backward(objective * (0.0 if padding else world / global_weight))
         if run.master and (world == 1 or last):  # into fp32 (under DDP: after the all-reduce)
             run.master.take_grads()
+        if padding:
+            continue
+        tokens += int(batch["input_ids"].numel())
         sums[0] += float(part.objective.detach())
         sums[2] += float(part.nll)
         if part.kl is not None:
@@ -357,7 +375,7 @@ def train_step(run: Setup, group: list[list[int]], cfg: RunConfig) -> dict:
     loss = objective_mean + t.kl_to_base * kl_mean + l2
     if not math.isfinite(loss):
         return {"loss": loss}
-    grad_norm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm)) if t.max_grad_norm else None
+    grad_norm = scalar(acc.clip_grad_norm_(run.params, t.max_grad_norm)) if t.max_grad_norm else None
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -384,14 +402,16 @@ def validation_loss(run: Setup, cfg: RunConfig) -> float | None:
     s = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for i, b in enumerate(validation_batches(run.eval_ex, cfg)):
-            if i % acc.num_processes != acc.process_index:
+            # split over processes; under FSDP every forward is collective: every process runs every batch
+            if not run.sharded and i % acc.num_processes != acc.process_index:
                 continue
             with acc.autocast():
                 part = run.module(collate([run.eval_ex[j] for j in b], cfg.train.batching, run.pad_id), kl=False,
                                   weighted=False)
                 nll, weight = part.nll, part.weight
             s += torch.tensor([float(nll), float(weight)], dtype=torch.float64)
-    s = acc.reduce(s.to(acc.device), reduction="sum").cpu()
+    if not run.sharded:
+        s = acc.reduce(s.to(acc.device), reduction="sum").cpu()
     run.module.train()
     return float(s[0] / s[1]) if s[1] > 0 else None
 
@@ -402,7 +422,8 @@ def log_evaluation(run: Setup, state: State, eval_loss: float | None, log: Metri
     if eval_loss is not None:
         row["eval_loss"] = eval_loss
     if run.drift is not None:
-        with run.accelerator.autocast():
+        # the model body is called outside the root's forward: under FSDP its root parameters are gathered first
+        with run.accelerator.autocast(), gathered(run.module) if run.sharded else contextlib.nullcontext():
             state.drift = drift_kl(run.accelerator.unwrap_model(run.module).model, run.drift)
         row.update({f"drift_kl_{name}": v for name, v in state.drift.items()})
     if len(row) > 1:
@@ -431,8 +452,10 @@ def checkpoint(run: Setup, state: State, cfg: RunConfig, out: Path, log: Metrics
              "initial_eval": state.initial_eval, "eval_loss": state.eval_loss, "metrics_bytes": log.size(),
              "final": final, "drift": state.drift}
     acc = run.accelerator
-    return save_checkpoint(out, state.step, run.trainable(), run.optimizer, run.scheduler, saved,
-                           cfg.train.keep_last, acc.process_index, acc.num_processes, acc.wait_for_everyone)
+    with gathered(run.module) if cfg.train.fsdp else contextlib.nullcontext():  # whole weights, every process
+        return save_checkpoint(out, state.step, run.trainable(), run.optimizer, run.scheduler, saved,
+                               cfg.train.keep_last, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                               sharded_optimizer=cfg.train.fsdp)
 
 
 def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog, console: Console,
@@ -446,6 +469,11 @@ def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog,
         checkpoint(run, state, cfg, out, log, final=True)
     model = run.accelerator.unwrap_model(run.module).model
     run.optimizer.state.clear()  # AdamW moments are in the checkpoint; free them before the final save
+    full = None
+    if cfg.train.fsdp:  # the final weights whole: the HF export's state dict, and in the model for the weight change
+        full = full_state_dict(model)
+        with gathered(run.module, reshard=False):
+            pass
     if run.master:  # the final model: the exact fp32 masters
         cast_model(model, torch.float32)
         run.master.to_model()
@@ -453,7 +481,7 @@ def finish(run: Setup, state: State, cfg: RunConfig, out: Path, log: MetricsLog,
     result = TrainResult(out, state.step, state.last_loss, state.eval_loss, state.initial_eval, len(run.train_ex),
                          change)
     if run.accelerator.is_main_process:
-        result.model_dir = save_final(model, run.tokenizer, run.template, cfg, out)
+        result.model_dir = save_final(model, run.tokenizer, run.template, cfg, out, full)
         write_summary(run, state, cfg, result, wall_s)
         console.print(summary_line(result) + mitigations_note(cfg, len(run.replay_ex)), highlight=False)
     if cfg.train.malloc_tuning:

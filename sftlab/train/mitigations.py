@@ -68,18 +68,29 @@ def l2_anchor(model, base_model=None, master: MasterWeights | None = None) -> di
 
 def add_l2_grad(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], lam: float) -> float:
     """Add the exact gradient 2λ(θ-θ0) of λ·||θ-θ0||² to every anchored parameter's .grad; return the penalty."""
+    from .sharding import is_sharded
+
     sq = torch.zeros((), dtype=torch.float64)
+    shards = torch.zeros((), dtype=torch.float64)  # FSDP: this process's part of the sum over sharded parameters
     with torch.no_grad():
         for n, p in params.items():
             if n not in anchor:
                 continue
             d = p - anchor[n]
-            sq += d.double().pow(2).sum().cpu()
+            if is_sharded(d):
+                shards += d.to_local().double().pow(2).sum().cpu()
+            else:
+                sq += d.double().pow(2).sum().cpu()
             g = d.mul(2 * lam)
             if p.grad is None:
                 p.grad = g
             else:
                 p.grad.add_(g)
+    if any(is_sharded(p) for p in params.values()):
+        import torch.distributed as dist
+
+        dist.all_reduce(shards)  # gloo and NCCL both sum float64 on the CPU / device it lives on
+        sq += shards
     return lam * float(sq)
 
 

@@ -69,21 +69,24 @@ def fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path) -> Path:
-    """HF-format output: full model dir, or a peft adapter dir; tokenizer carries the training template."""
+def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path,
+               state_dict: dict | None = None) -> Path:
+    """HF-format output: full model dir, or a peft adapter dir; tokenizer carries the training template.
+    state_dict: the weights to write instead of the model's own (FSDP: gathered whole, `sharding.full_state_dict`)."""
     eot = end_of_turn_ids(tmpl, tokenizer)
     target = out / ("adapter" if cfg.lora.enabled else "model")
     tmp = out / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora.enabled:
         model.peft_config["default"].base_model_name_or_path = str(resolve_model(cfg.model.path).resolve())
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     else:
         model.config.use_cache = True
         gen = model.generation_config
         gen.eos_token_id = sorted(set(eot + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
         gen.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.chat_template = tmpl.source
     tokenizer.save_pretrained(tmp)
     (tmp / "sftlab_train_config.yaml").write_text(dump_config(cfg))
