@@ -137,3 +137,18 @@ def test_fsdp_uneven_micro_batches_per_process(tmp_path, tiny_model_dir):
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_through_accelerate_launch(tmp_path, tiny_model_dir):
+    """The documented launch: `accelerate launch --config_file configs/accelerate/cpu-2proc.yaml ... train.fsdp=true`
+    starts two CPU processes, shards, and matches one process."""
+    args = common(tmp_path, tiny_model_dir, "train.max_steps=3", "train.save_every=2")
+    one_process(tmp_path / "one", args)
+    r = subprocess.run(["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/cpu-2proc.yaml"),
+                        "--main_process_port", "29549", "-m", "sftlab", "train", f"output_dir={tmp_path / 'two'}",
+                        "train.fsdp=true", "train.grad_accum=1", *args],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    ckpt = ckpt_mod.list_checkpoints(tmp_path / "two")[-1]
+    assert json.loads((ckpt / "state.json").read_text())["optimizer_shards"] == 2  # two processes, sharded
