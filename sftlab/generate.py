@@ -91,24 +91,22 @@ def stop_markers(tmpl: ChatTemplate, tokenizer) -> tuple[set[int], str]:
 
 def decode_reply(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> str:
     """Generated ids -> reply text: cut at the first end-of-turn (or EOS / padding), marker removed."""
+    return split_reply(new_ids, tokenizer, stops)[0]
+
+
+def split_reply(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> tuple[str, bool]:
+    """`decode_reply`'s text, and whether the ids end their reply (an end-of-turn / EOS id, or the end-of-turn
+    text) rather than stopping at the token budget."""
     stop_ids, marker = stops
+    ended = False
     for i, t in enumerate(new_ids):
         if t in stop_ids:
-            new_ids = new_ids[:i]
+            new_ids, ended = new_ids[:i], True
             break
     text = tokenizer.decode(new_ids, skip_special_tokens=False)
     if marker and marker in text:
-        text = text[: text.index(marker)]
-    return text.strip()
-
-
-def reply_finished(new_ids: list[int], tokenizer, stops: tuple[set[int], str]) -> bool:
-    """Whether generated ids end their reply (an end-of-turn / EOS id, or the end-of-turn text) rather than
-    stopping at the token budget."""
-    stop_ids, marker = stops
-    if any(t in stop_ids for t in new_ids):
-        return True
-    return bool(marker) and marker in tokenizer.decode(new_ids, skip_special_tokens=False)
+        text, ended = text[: text.index(marker)], True
+    return text.strip(), ended
 
 
 def decode_stops(tmpl: ChatTemplate, tokenizer):

@@ -49,7 +49,7 @@ def test_drift_kl_equals_reference_and_starts_at_zero():
     model = make_tiny_llama(vocab_size=V, seed=5)
     base = copy.deepcopy(model)
     sets = {"heldout": examples(), "general": examples(4, seed=1)}
-    probe = build_probe(model, sets, pad_id=0, chunk_size=5, batch_size=3)
+    probe = build_probe(model, sets, pad_id=0, chunk_size=5, batch_tokens=40)
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in drift_kl(model, probe).values())
     with torch.no_grad():
         for p in model.parameters():

@@ -130,7 +130,7 @@ def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], ca
 
     The decode loop keeps at most `max_batch` rows, and no more than `batch_tokens` over the longest row
     (prompt + budget) would fill."""
-    from ..generate import Decoding, decode_reply, generate_ids, reply_finished, stop_markers
+    from ..generate import Decoding, generate_ids, split_reply, stop_markers
 
     if not prompts:
         return []
@@ -139,8 +139,7 @@ def greedy_answers(scorer: Scorer, tokenizer, tmpl, prompts: list[list[int]], ca
     with scorer.autocast():
         new = generate_ids(scorer.model, tokenizer, tmpl, prompts, caps, Decoding(max(caps)), rows)
     stops = stop_markers(tmpl, tokenizer)
-    return [(decode_reply(ids[:cap], tokenizer, stops), reply_finished(ids[:cap], tokenizer, stops))
-            for ids, cap in zip(new, caps)]
+    return [split_reply(ids[:cap], tokenizer, stops) for ids, cap in zip(new, caps)]
 
 
 def build_chunks(pending: list[AuditItem], all_items: list[AuditItem], tokenizer, tmpl, data: DataConfig,

@@ -490,8 +490,7 @@ def key_numbers(m: dict) -> dict:
     for path, v in model["general"]["qa"].items():
         b = (base or {}).get("general", {}).get("qa", {}).get(path) or {}
         # the probe's format-independent figure: choice accuracy, else few-shot exact match (forgetting.py)
-        measure = next((k for k in ("choice_accuracy", "few_shot_exact_match") if v.get(k) is not None),
-                       "exact_match")
+        measure = forgetting.headline_measure(v) or "exact_match"
         out["qa"][Path(path).name] = {"n": v["n"], "measure": measure, "value": v[measure],
                                       "base_value": b.get(measure), "exact_match": v["exact_match"],
                                       "base_exact_match": b.get("exact_match")}

@@ -248,6 +248,13 @@ def min_gold_nll(items: list[QaItem], nlls) -> list[float]:
 
 QA_METRICS = ("choice_accuracy", "few_shot_exact_match", "few_shot_contains", "gold_nll", "exact_match", "contains")
 QA_PERCENT = frozenset(QA_METRICS) - {"gold_nll"}
+# what a probe's forgetting is read from, preferred first: measures a change of answer style cannot move alone
+FORMAT_INDEPENDENT = ("choice_accuracy", "few_shot_exact_match")
+
+
+def headline_measure(summary: dict) -> str | None:
+    """The first `FORMAT_INDEPENDENT` measure a probe's `summarise_qa` has a value for (None: neither)."""
+    return next((k for k in FORMAT_INDEPENDENT if summary.get(k) is not None), None)
 # a change of answer style alone moves these: shown, never read as better/worse
 FORMAT_SENSITIVE = frozenset({"gold_nll", "exact_match", "contains"})
 

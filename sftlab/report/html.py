@@ -22,7 +22,7 @@ from html import escape
 from pathlib import Path
 
 from .. import layout
-from ..evaluate.forgetting import FORMAT_SENSITIVE, QA_METRICS, QA_PERCENT
+from ..evaluate.forgetting import FORMAT_INDEPENDENT, FORMAT_SENSITIVE, QA_METRICS, QA_PERCENT, headline_measure
 from ..io import progress, read_jsonl
 from . import plots
 
@@ -137,10 +137,7 @@ def _delta(d: dict | None, pct: bool = False, lower_better: bool = False, neutra
     s = 100 if pct else 1
     nd = 1 if pct else 3
     lo, hi = d["ci95"]
-    cls = ""
-    if (lo > 0 or hi < 0) and not neutral:
-        better = (d["delta"] < 0) if lower_better else (d["delta"] > 0)
-        cls = " class='good'" if better else " class='bad'"
+    cls = "" if neutral else {"better": " class='good'", "worse": " class='bad'"}.get(_significance(d, lower_better), "")
     return f"<span{cls}>{s * d['delta']:+.{nd}f} [{s * lo:+.{nd}f}, {s * hi:+.{nd}f}]</span>"
 
 
@@ -216,7 +213,7 @@ def _forgot(ev: dict) -> str:
     dg = (ev.get("deltas") or {}).get("general", {})
     out = []
     for path, v in gen.get("qa", {}).items():
-        key = next((k for k in ("choice_accuracy", "few_shot_exact_match") if v.get(k) is not None), None)
+        key = headline_measure(v)
         name = escape(Path(path).name)
         if key is None:
             out.append(f"<li><b>Forgot?</b> {name}: no format-independent measure (no options, no few-shot "
@@ -501,7 +498,7 @@ def tradeoff_point(run: Run) -> dict | None:
     qa = next(iter(general.get("qa", {}).values()), None) or {}
     text = next(iter(general.get("text", {}).values()), None) or {}
     forgetting = {}
-    for key in ("choice_accuracy", "few_shot_exact_match"):
+    for key in FORMAT_INDEPENDENT:
         if qa.get(key):
             a = qa[key]
             forgetting[key] = (-100 * a["delta"], [-100 * a["ci95"][1], -100 * a["ci95"][0]])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.packing import collate_padded
+from ..data.packing import collate_padded, length_batches
 from ..data.tokenize import Example
 from ..lm import model_hidden_states, output_head, trained_positions
 
@@ -54,13 +54,8 @@ def probe_examples(eval_ex: list[Example], train_ex: list[Example], n: int, seed
     return name, [pool[i] for i in sorted(order[:n])]
 
 
-def _batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict]:
-    by_length = sorted(examples, key=lambda ex: len(ex.input_ids))
-    return [collate_padded(by_length[i:i + batch_size], pad_id) for i in range(0, len(by_length), batch_size)]
-
-
 def build_probe(model: nn.Module, sets: dict[str, list[Example]], pad_id: int, chunk_size: int,
-                batch_size: int = 8) -> DriftProbe:
+                batch_tokens: int = 4096) -> DriftProbe:
     """The base model's hidden states at each set's scored positions and a frozen copy of its head; `model` is
     the model before any update (call it before training, and before a checkpoint is restored)."""
     was_training = model.training
@@ -69,7 +64,8 @@ def build_probe(model: nn.Module, sets: dict[str, list[Example]], pad_id: int, c
     with torch.no_grad():
         for name, examples in sets.items():
             out[name] = []
-            for batch in _batches(examples, batch_size, pad_id):
+            for idx in length_batches([len(ex.input_ids) for ex in examples], batch_tokens):
+                batch = collate_padded([examples[i] for i in idx], pad_id)
                 hidden = model_hidden_states(model, batch)
                 keep, _, _ = trained_positions(batch["labels"], None, device=hidden.device)
                 out[name].append(ProbeBatch(batch, keep,
