@@ -80,6 +80,11 @@ class DataConfig(Strict):
                                   "context, train what follows them)")
     tools: str | None = Field(None, description="JSON file with a list of tool schemas for records without "
                               "their own 'tools'")
+    cache: bool = Field(True, description="Tokenize once: training reads the examples from a cache entry keyed by "
+                        "the inputs' content, tokenizer, template and these options (sftlab/data/prepared.py)")
+    cache_dir: str | None = Field(None, description="Where prepared data is cached (None: $SFTLAB_DATA_CACHE, else "
+                                  "~/.cache/sftlab/data)")
+    num_workers: int = Field(1, ge=1, description="Processes that render and tokenize while data is prepared")
 
     @model_validator(mode="after")
     def _task_source(self):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# prepared data (data.cache) goes to one directory per test session, never the user's cache
+if "SFTLAB_DATA_CACHE" not in os.environ:
+    os.environ["SFTLAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="sftlab-test-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["SFTLAB_DATA_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SFTLAB_SHARED", ROOT.parent / "shared")) / "data"

@@ -26,7 +26,7 @@ def data_tokenize(
 
 
 @data_app.command("inspect")
-@sections(opts=data_flags(fixed={"skip_invalid": True}))  # inspect reports invalid records instead of stopping
+@sections(opts=data_flags(fixed={"skip_invalid": True}, cache=True))  # inspect reports invalid records, never stops
 def data_inspect(
     data: DataArg, model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON on stdout")] = False,
@@ -36,6 +36,22 @@ def data_inspect(
     from ..data.stats import inspect_data
 
     run_guarded(lambda: inspect_data(data, model, opts, console, as_json=as_json))
+
+
+@data_app.command("prepare")
+@sections(opts=data_flags(fixed={"cache": True}, skip=("cache_dir",), cache=True))
+def data_prepare(
+    data: DataArg,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Cache directory to prepare into (train with "
+                                                "data.cache_dir=DIR); default: data.cache_dir's default")] = None,
+    model: ModelOpt = "default", opts: DataConfig = None,
+):
+    """Tokenize once into the prepared-data cache that train and data inspect read (memory-mapped arrays keyed by
+    the data's content, the tokenizer, the template and the data options)."""
+    from ..data.prepared import prepare_command
+
+    run_guarded(lambda: prepare_command(data, model, opts.model_copy(update={"cache_dir": str(out) if out else None}),
+                                        console))
 
 
 @data_app.command("split")

@@ -74,8 +74,11 @@ def sections(**spec: tuple[type[BaseModel], tuple[str, ...]] | tuple[type[BaseMo
         for section, fields, *_ in spec.values():
             for name in fields:
                 f = section.model_fields[name]
+                flag_name = name.replace("_", "-")
+                decls = (f"--{flag_name}/--no-{flag_name}",) if f.annotation is bool else ()  # both ways
                 added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(f),
-                                               annotation=Annotated[_cli_type(f.annotation), described(section, name)]))
+                                               annotation=Annotated[_cli_type(f.annotation),
+                                                                    described(section, name, *decls)]))
 
         @functools.wraps(fn)
         def command(**kwargs):
@@ -93,7 +96,12 @@ def sections(**spec: tuple[type[BaseModel], tuple[str, ...]] | tuple[type[BaseMo
     return wrap
 
 
-def data_flags(fixed: dict | None = None, skip: tuple[str, ...] = ()) -> tuple:
-    """The `sections` entry of the data options: every data flag except `skip` and those `fixed` by the command."""
+CACHE_FLAGS = ("cache", "cache_dir", "num_workers")  # commands that read prepared data (data prepare, inspect)
+
+
+def data_flags(fixed: dict | None = None, skip: tuple[str, ...] = (), cache: bool = False) -> tuple:
+    """The `sections` entry of the data options: every data flag except `skip` and those `fixed` by the command
+    (with `cache`, the prepared-data flags too)."""
     fixed = fixed or {}
-    return (DataConfig, tuple(n for n in DATA_FLAGS if n not in fixed and n not in skip), fixed)
+    names = DATA_FLAGS + (CACHE_FLAGS if cache else ())
+    return (DataConfig, tuple(n for n in names if n not in fixed and n not in skip), fixed)

@@ -44,12 +44,16 @@ def answer_distribution(references: Iterable[str], max_labels: int = 20) -> dict
     share (the exact match and accuracy of always giving it), "single_label", "imbalanced" (share >=
     IMBALANCED_SHARE)}."""
     refs = [normalise_answer(r) for r in references]
-    counts = Counter(r for r in refs if r)
-    if not counts or len(counts) > max_labels or len(counts) > len(refs) / 2:
+    return counted_distribution(Counter(r for r in refs if r), len(refs), max_labels)
+
+
+def counted_distribution(counts: Counter, n: int, max_labels: int = 20) -> dict | None:
+    """`answer_distribution` from the counts of the non-empty normalised references among `n` references."""
+    if not counts or len(counts) > max_labels or len(counts) > n / 2:
         return None
     majority, k = counts.most_common(1)[0]
-    share = k / len(refs)
-    return {"n": len(refs), "labels": dict(counts.most_common()), "majority": majority, "majority_baseline": share,
+    share = k / n
+    return {"n": n, "labels": dict(counts.most_common()), "majority": majority, "majority_baseline": share,
             "single_label": len(counts) == 1, "imbalanced": share >= IMBALANCED_SHARE}
 
 

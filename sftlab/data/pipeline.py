@@ -198,7 +198,7 @@ def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTem
     batch: list[Conversation] = []
 
     def flush():
-        out = _encode_batch(batch, tokenizer, tmpl, opts, protected)
+        out = encode_batch(batch, tokenizer, tmpl, opts, protected)
         batch.clear()
         return out
 
@@ -210,7 +210,7 @@ def encode_conversations(convs: Iterable[Conversation], tokenizer, tmpl: ChatTem
         yield from flush()
 
 
-def _encode_batch(batch: list[Conversation], tokenizer, tmpl: ChatTemplate, opts: DataConfig, protected
+def encode_batch(batch: list[Conversation], tokenizer, tmpl: ChatTemplate, opts: DataConfig, protected
                   ) -> list[tuple[Conversation, Example | DataError | Dropped]]:
     """`encode_conversations` for one batch: render each conversation (one or more examples), tokenize them all,
     and give a turn whose context tokenizes differently inside a shared example an example of its own."""

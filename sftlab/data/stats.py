@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ..io import atomic_write, table_console
 from ..config import DataConfig
-from .answers import answer_distribution, answer_warning, degenerate
+from .answers import answer_distribution, answer_warning, counted_distribution, degenerate
 from .pipeline import DataReport, iter_examples, record_progress
 from .tokenize import IGNORE
 
@@ -52,8 +52,8 @@ def tokenize_to_file(inputs, model: str, opts: DataConfig, out: Path, console: C
     return report
 
 
-def percentiles(values: list[int]) -> dict:
-    if not values:
+def percentiles(values) -> dict:
+    if len(values) == 0:
         return {}
     a = np.asarray(values)
     return {"min": int(a.min()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
@@ -61,26 +61,14 @@ def percentiles(values: list[int]) -> dict:
 
 
 def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json: bool = False) -> dict:
+    """`data inspect`: with data.cache, the statistics of the prepared-data entry training uses (built if missing),
+    else of one streamed pass."""
     from ..models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    report = DataReport()
-    lengths, trained = [], []
-    n_tokens = n_trained = 0
-    sample = None
-    references: dict[str, list[str]] = defaultdict(list)
-    with record_progress(inputs, console, "inspect") as tick:
-        for ex, conv in iter_examples(inputs, tokenizer, opts, report, on_record=tick, with_conversation=True):
-            answers = [m.content for m in conv.messages if m.role == "assistant"]
-            if answers:
-                references[str(conv.task)].append(answers[-1])
-            t = sum(1 for x in ex.labels if x != IGNORE) if ex.weights is None else sum(w == 1.0 for w in ex.weights)
-            lengths.append(len(ex.input_ids))
-            trained.append(t)
-            n_tokens += len(ex.input_ids)
-            n_trained += t
-            if sample is None:
-                sample = ex
+    report, lengths, trained, dists, sample = (_from_prepared if opts.cache else _streamed)(inputs, tokenizer, opts,
+                                                                                            console)
+    n_tokens, n_trained = int(lengths.sum()), int(trained.sum())
     stats = report.as_dict()
     stats.update({
         "tokens": n_tokens, "trained_tokens": n_trained,
@@ -89,9 +77,9 @@ def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json
         "template": opts.template, "loss_on": opts.loss_on, "max_length": opts.max_length,
         "train_reasoning": opts.train_reasoning,
     })
-    dists = {t: answer_distribution(r) for t, r in sorted(references.items())}
-    stats["answer_distributions"] = {t: d for t, d in dists.items() if d}
-    stats["answer_warnings"] = [answer_warning(t, d) for t, d in dists.items() if degenerate(d)]
+    stats["answer_distributions"] = {t: d for t, d in sorted(dists.items()) if d}
+    stats["answer_warnings"] = [answer_warning(t, d) for t, d in stats["answer_distributions"].items()
+                                if degenerate(d)]
     if as_json:
         print(json.dumps(stats, indent=2))
     else:
@@ -99,6 +87,41 @@ def inspect_data(inputs, model: str, opts: DataConfig, console: Console, as_json
     extra = f"{n_tokens:,} tokens, {stats['trained_fraction']:.1%} trained"
     console.print(f"[green]done[/] {_summary_line(report, extra)}", highlight=False, soft_wrap=True)
     return stats
+
+
+def _trained(ex) -> int:
+    """Trained tokens of an example (with prompt_loss_weight: the tokens of full weight)."""
+    return sum(1 for x in ex.labels if x != IGNORE) if ex.weights is None else sum(w == 1.0 for w in ex.weights)
+
+
+def _streamed(inputs, tokenizer, opts: DataConfig, console: Console):
+    report = DataReport()
+    lengths, trained = [], []
+    sample = None
+    references: dict[str, list[str]] = defaultdict(list)
+    with record_progress(inputs, console, "inspect") as tick:
+        for ex, conv in iter_examples(inputs, tokenizer, opts, report, on_record=tick, with_conversation=True):
+            answers = [m.content for m in conv.messages if m.role == "assistant"]
+            if answers:
+                references[str(conv.task)].append(answers[-1])
+            lengths.append(len(ex.input_ids))
+            trained.append(_trained(ex))
+            sample = sample or ex
+    dists = {t: answer_distribution(r) for t, r in references.items()}
+    return report, np.asarray(lengths, dtype=np.int64), np.asarray(trained, dtype=np.int64), dists, sample
+
+
+def _from_prepared(inputs, tokenizer, opts: DataConfig, console: Console):
+    """The statistics from a prepared-data entry: lengths from its offsets, trained tokens from its mask (or
+    weights), answer distributions from the answer counts it recorded while it was built."""
+    from .prepared import prepare, prepared_line, trained_counts
+
+    built = prepare(inputs, tokenizer, opts, console, label="inspect")
+    console.print(prepared_line(built), highlight=False, soft_wrap=True)
+    p = built.prepared
+    dists = {t: counted_distribution(Counter(a["counts"]), a["n"]) if a["counts"] is not None else None
+             for t, a in p.meta["answers"].items()}
+    return p.report(), p.lengths, trained_counts(p), dists, (p[0] if len(p) else None)
 
 
 def render_trained(ex, tokenizer) -> Text:

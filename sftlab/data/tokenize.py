@@ -100,7 +100,7 @@ def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]
     for i, (n, a, _, _) in enumerate(flat):
         ids, offs = encoded[i]
         out[n][0].extend(ids)
-        out[n][1].extend((s + a, e + a) for s, e in offs)
+        out[n][1].extend(offs if a == 0 else [(s + a, e + a) for s, e in offs])
     return out
 
 

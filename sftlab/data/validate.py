@@ -51,6 +51,9 @@ class DataError(ValueError):
         text = f"{where}: {REASONS[reason]}" + (f": {detail}" if detail else "")
         super().__init__(text)
 
+    def __reduce__(self):  # rebuilt from its parts in another process (data.num_workers)
+        return DataError, (self.where, self.reason, self.detail)
+
 
 @dataclass
 class InvalidLog:
@@ -59,8 +62,10 @@ class InvalidLog:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     keep: int = 20
+    first: DataError | None = None
 
     def add(self, err: DataError) -> None:
+        self.first = self.first or err
         self.counts[err.reason] += 1
         if len(self.examples) < self.keep:
             self.examples.append(str(err))

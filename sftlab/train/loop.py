@@ -40,6 +40,7 @@ from rich.console import Console
 
 from ..config import RunConfig, dump_config
 from ..data.pipeline import DataReport, iter_examples
+from ..data.prepared import Chained, Examples, Prepared, prepare, prepared_line, tasks_of
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
@@ -81,8 +82,8 @@ class Setup:
     accelerator: object
     tokenizer: object
     template: object
-    train_ex: list[Example]
-    eval_ex: list[Example]
+    train_ex: Examples
+    eval_ex: Examples
     replay_ex: list[Example]
     report: DataReport
     replay_report: DataReport | None
@@ -98,8 +99,8 @@ class Setup:
     sharded: bool = False  # train.fsdp: the module is FSDP2-sharded (`sharding.py`)
 
     @property
-    def pool(self) -> list[Example]:  # micro-batch index len(train_ex) + j is replay example j
-        return self.train_ex + self.replay_ex
+    def pool(self) -> Chained:  # micro-batch index len(train_ex) + j is replay example j
+        return Chained(self.train_ex, self.replay_ex)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """What checkpoints and L2-SP work on: the trainable parameters by name (bf16-master: the fp32 masters)."""
@@ -136,7 +137,7 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True,
             console.print(f"[green]complete[/] {out} already holds this run ({done.steps} steps, model in "
                           f"{done.model_dir}); --no-resume trains again", highlight=False, soft_wrap=True)
             return done
-        run = setup(cfg, planner, loss)
+        run = setup(cfg, planner, loss, console)
         state = restore(run, cfg, out, resume, console)
         if is_main:
             (out / "config.yaml").write_text(dump_config(cfg))
@@ -152,27 +153,48 @@ def train(cfg: RunConfig, console: Console | None = None, resume: bool = True,
             log.close()
 
 
-def prepare_data(cfg: RunConfig, tokenizer) -> tuple[list[Example], list[Example], DataReport]:
-    """Training and validation examples (data.validation, or a seeded data.validation_fraction of train)."""
+def prepare_data(cfg: RunConfig, tokenizer, accelerator=None, console: Console | None = None
+                 ) -> tuple[Examples, Examples, DataReport]:
+    """Training and validation examples (data.validation, or a seeded data.validation_fraction of train): with
+    data.cache, memory-mapped from the prepared-data cache (built here, by rank 0, on first use); else lists."""
     if not cfg.data.train:
         raise ValueError("data.train is empty: give training data files (data.train=[path, ...])")
-    opts = cfg.data
-    report = DataReport()
-    train_ex = list(iter_examples(cfg.data.train, tokenizer, opts, report))
-    if not train_ex:
+    train_ex, report = examples_of(cfg.data.train, tokenizer, cfg.data, accelerator, console, "train data")
+    if not len(train_ex):
         raise ValueError("no training examples left after validation and truncation")
     if cfg.data.validation:
-        return train_ex, list(iter_examples(cfg.data.validation, tokenizer, opts)), report
+        return train_ex, examples_of(cfg.data.validation, tokenizer, cfg.data, accelerator, console,
+                                     "validation data")[0], report
     if cfg.data.validation_fraction == 0:
         return train_ex, [], report
     order = list(range(len(train_ex)))
     random.Random(cfg.train.seed).shuffle(order)
-    held = set(order[:max(1, int(len(train_ex) * cfg.data.validation_fraction))])
-    return ([ex for i, ex in enumerate(train_ex) if i not in held],
-            [ex for i, ex in enumerate(train_ex) if i in held], report)
+    held = sorted(order[:max(1, int(len(train_ex) * cfg.data.validation_fraction))])
+    kept = sorted(set(range(len(train_ex))) - set(held))
+    if isinstance(train_ex, Prepared):
+        return train_ex.select(kept), train_ex.select(held), report
+    return [train_ex[i] for i in kept], [train_ex[i] for i in held], report
 
 
-def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
+def examples_of(inputs: list[str], tokenizer, opts, accelerator=None, console: Console | None = None,
+                label: str = "data") -> tuple[Examples, DataReport]:
+    """The tokenized examples of `inputs` and their data report. With data.cache: the main process finds or builds
+    the cache entry (`data.prepared.prepare`) while the others wait, then every process maps it."""
+    if not opts.cache:
+        report = DataReport()
+        return list(iter_examples(inputs, tokenizer, opts, report)), report
+    main = accelerator is None or accelerator.is_main_process
+    built = prepare(inputs, tokenizer, opts, console, label=label) if main else None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not main:
+        built = prepare(inputs, tokenizer, opts, console, label=label)
+    elif console is not None:
+        console.print(prepared_line(built, label), highlight=False, soft_wrap=True)
+    return built.prepared, built.prepared.report()
+
+
+def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console | None = None) -> Setup:
     """Accelerator, data and batch plan, model (+ LoRA, KL reference, master weights), optimizer, scheduler."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -202,7 +224,7 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn) -> Setup:
     set_seed(t.seed)
     tokenizer = load_tokenizer(cfg.model.path)
     tmpl = resolve_template(cfg.data.template, tokenizer)
-    train_ex, eval_ex, report = prepare_data(cfg, tokenizer)
+    train_ex, eval_ex, report = prepare_data(cfg, tokenizer, accelerator, console)
     replay_ex, replay_report = prepare_replay(cfg, tokenizer, cfg.data)
     world = accelerator.num_processes
     stream = MicroBatchStream(train_ex, cfg, t.grad_accum * world, world, replay_ex, planner)
@@ -495,7 +517,7 @@ def write_summary(run: Setup, state: State, cfg: RunConfig, result: TrainResult,
     summary = {"steps": result.steps, "final_loss": result.final_loss, "initial_eval_loss": result.initial_eval_loss,
                "eval_loss": result.eval_loss, "weight_change": result.weight_change,
                "train_examples": len(run.train_ex), "eval_examples": len(run.eval_ex), "data": run.report.as_dict(),
-               "tasks": sorted({str(ex.task) for ex in run.train_ex if ex.task is not None}),
+               "tasks": sorted(str(task) for task in tasks_of(run.train_ex) if task is not None),
                "data_fingerprint": fingerprint(run.train_ex), "wall_s": wall_s, "model_dir": str(result.model_dir),
                "config_sha256": config_hash(cfg),
                "mitigations": {"replay_ratio": t.replay.ratio if t.replay else 0.0, "kl_to_base": t.kl_to_base,

@@ -17,6 +17,7 @@ import torch
 
 from ..config import RunConfig
 from ..data.packing import collate_packed, collate_padded, largest_first, length_grouped_batches, pack_best_fit
+from ..data.prepared import lengths_of
 from ..data.tokenize import IGNORE, Example
 
 EpochPlanner = Callable[..., list[list[int]]]  # (examples, cfg, epoch, replay) -> micro-batches of indices
@@ -46,7 +47,7 @@ def epoch_batches(examples: list[Example], cfg: RunConfig, epoch: int,
     sample of `replay_count(len(examples), ratio)` replay examples drawn for (seed, epoch) is packed with them.
     """
     t = cfg.train
-    lengths = [len(ex.input_ids) for ex in examples]
+    lengths = lengths_of(examples)
     n, ratio = len(examples), (t.replay.ratio if t.replay is not None and replay else 0.0)
     if t.batching == "packed":
         pool = list(range(n)) + [n + j for j in replay_draw(len(replay or ()), replay_count(n, ratio),
@@ -139,5 +140,5 @@ def trained_weight(examples: list[Example]) -> float:
 def validation_batches(examples: list[Example], cfg: RunConfig) -> list[list[int]]:
     """The validation set in length-grouped micro-batches, in a fixed order (no shuffle)."""
     t = cfg.train
-    return length_grouped_batches([len(ex.input_ids) for ex in examples], batch_tokens=t.batch_tokens,
+    return length_grouped_batches(lengths_of(examples), batch_tokens=t.batch_tokens,
                                   batch_size=t.batch_size, shuffle=False, seed=0)
