@@ -281,7 +281,7 @@ def test_replay_loss_counts_replay_tokens_and_summary(tmp_path, tiny_model_dir):
     replay_ex, _ = prepare_replay(cfg, tok, cfg.data)
     assert {ex.task for ex in replay_ex} == {"replay"}
     stream = MicroBatchStream(task_ex, cfg, per_step=2, replay=replay_ex)
-    pool = task_ex + replay_ex
+    pool = list(task_ex) + replay_ex
     base = load_model(tiny_model_dir).eval()
     s = w = 0.0  # step 1's loss from full logits at the base weights: every example of both micro-batches
     for b in stream.step(0):

@@ -143,12 +143,17 @@ class Prepared(Sequence):
         if isinstance(i, slice):
             return self.select(np.arange(len(self))[i])
         r = self._row(i)
-        a, b = int(self._offsets[r]), int(self._offsets[r + 1])
-        ids = self._ids[a:b].astype(np.int64)
-        labels = np.where(self._mask[a:b].astype(bool), ids, IGNORE)
-        weights = self._weights[a:b].tolist() if self._weights is not None else None
+        ids, labels = self.arrays(i)
+        weights = self._weights[self._offsets[r]:self._offsets[r + 1]].tolist() if self._weights is not None else None
         return Example(ids.tolist(), labels.tolist(), weights, self.task_names[self._task_ids[r]],
                        bool(self._truncated[r]))
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example i's input ids and labels as int64 arrays (no Python lists)."""
+        r = self._row(i)
+        a, b = int(self._offsets[r]), int(self._offsets[r + 1])
+        ids = self._ids[a:b].astype(np.int64)
+        return ids, np.where(self._mask[a:b].astype(bool), ids, IGNORE)
 
     @property
     def lengths(self) -> np.ndarray:
