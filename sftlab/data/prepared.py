@@ -143,14 +143,16 @@ class Prepared(Sequence):
         if isinstance(i, slice):
             return self.select(np.arange(len(self))[i])
         r = self._row(i)
-        ids, labels = self.arrays(i)
+        ids, labels = self._arrays(r)
         weights = self._weights[self._offsets[r]:self._offsets[r + 1]].tolist() if self._weights is not None else None
         return Example(ids.tolist(), labels.tolist(), weights, self.task_names[self._task_ids[r]],
                        bool(self._truncated[r]))
 
     def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Example i's input ids and labels as int64 arrays (no Python lists)."""
-        r = self._row(i)
+        return self._arrays(self._row(i))
+
+    def _arrays(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self._offsets[r]), int(self._offsets[r + 1])
         ids = self._ids[a:b].astype(np.int64)
         return ids, np.where(self._mask[a:b].astype(bool), ids, IGNORE)
@@ -393,7 +395,7 @@ def _normalised(raw: Counter | None) -> dict | None:
     return dict(counts) if len(counts) <= MAX_LABELS else None
 
 
-def _last_answer(conv: Conversation) -> str | None:
+def last_answer(conv: Conversation) -> str | None:
     """The reference `data inspect` reads an answer distribution from: the last assistant message."""
     for m in reversed(conv.messages):
         if m.role == "assistant":
@@ -413,7 +415,7 @@ def _build(out: Path, inputs, tokenizer, tmpl: ChatTemplate, opts: DataConfig, c
     convs = iter_conversations(inputs, opts, report, protected.findall, on_record)
     results = _encoded(convs, tokenizer, tmpl, opts, protected, opts.num_workers)
     for conv, ex in keep_examples(results, opts.skip_invalid, report):
-        writer.add(ex, _last_answer(conv))
+        writer.add(ex, last_answer(conv))
     first = report.invalid.first
     writer.close({**components, "report": report.as_dict(), "build_seconds": time.perf_counter() - t0,
                   "num_workers": opts.num_workers,

@@ -95,15 +95,16 @@ def _trained(ex) -> int:
 
 
 def _streamed(inputs, tokenizer, opts: DataConfig, console: Console):
+    from .prepared import last_answer
+
     report = DataReport()
     lengths, trained = [], []
     sample = None
     references: dict[str, list[str]] = defaultdict(list)
     with record_progress(inputs, console, "inspect") as tick:
         for ex, conv in iter_examples(inputs, tokenizer, opts, report, on_record=tick, with_conversation=True):
-            answers = [m.content for m in conv.messages if m.role == "assistant"]
-            if answers:
-                references[str(conv.task)].append(answers[-1])
+            if (answer := last_answer(conv)) is not None:
+                references[str(conv.task)].append(answer)
             lengths.append(len(ex.input_ids))
             trained.append(_trained(ex))
             sample = sample or ex
