@@ -44,8 +44,7 @@ def encode_prompt(messages: list[dict], tmpl: ChatTemplate, tokenizer, protected
     if not any(protected.search(m["content"]) for m in messages):
         return tokenizer(text, add_special_tokens=False).input_ids
     # Message text that spells a control token stays plain text, exactly as in sftlab.data.tokenize.
-    ids, _ = encode_piecewise(tokenizer, render_prompt(messages, tmpl))
-    return ids
+    return encode_piecewise(tokenizer, render_prompt(messages, tmpl))
 
 
 @dataclass

@@ -10,7 +10,7 @@ data pieces tokenized as plain text, so that data never becomes a control token.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from dataclasses import dataclass, replace
 from operator import itemgetter
 
@@ -20,7 +20,7 @@ from .template import REASONING_CLOSE, REASONING_OPEN, Rendered
 from .validate import DataError, Location
 
 IGNORE = -100
-_START, _END = itemgetter(0), itemgetter(1)  # of a (start, end) character offset
+_END = itemgetter(1)  # of a (start, end) character offset
 
 
 @dataclass
@@ -57,17 +57,22 @@ def _stock_backend(tokenizer):
     return backend if backend.truncation is None and backend.padding is None else None
 
 
-def _encode_offsets(tokenizer, texts: list[str], split_special: bool = False) -> list[tuple[list[int], list[tuple]]]:
+def _encode(tokenizer, texts: list[str], split_special: bool = False, offsets: bool = False) -> list:
+    """Token ids of each text (with `offsets`: (ids, character offsets)), exactly what
+    `tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)` gives."""
     backend = _stock_backend(tokenizer)
     if backend is not None:
-        # Exactly what tokenizer(...) runs for these arguments, without building a BatchEncoding (a fifth of the
-        # tokenizing time on T0).
+        # What tokenizer(...) runs for these arguments, without building a BatchEncoding (a fifth of the tokenizing
+        # time on T0); without offsets, the Rust side does not track them either.
         if backend.encode_special_tokens != split_special:
             backend.encode_special_tokens = split_special
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                    split_special_tokens=split_special, return_attention_mask=False)
-    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+        if offsets:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21 has no _fast
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=split_special,
+                    return_attention_mask=False)
+    return list(zip(enc["input_ids"], enc["offset_mapping"])) if offsets else list(enc["input_ids"])
 
 
 def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cuts: bool = True
@@ -85,29 +90,46 @@ def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cu
     return [(a, b, any(s <= a and b <= e for s, e in data)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]]]
-                   ) -> list[tuple[list[int], list[tuple]]]:
-    """Token ids and offsets of each (text, pieces): every piece tokenized alone (data pieces with control tokens
-    split into plain text), concatenated; one batched call per kind of piece."""
+@dataclass
+class Encoded:
+    """A text tokenized piece by piece: the concatenated ids, and for every piece boundary (character position)
+    the index of the first token at or after it (pieces are tokenized alone, so no token straddles one)."""
+    text: str
+    pieces: list[tuple[int, int, bool]]
+    ids: list[int]
+    at: dict[int, int]
+
+    def token_at(self, tokenizer, char: int) -> int:
+        """Index of the token holding character `char` (the next token if none does); tokenizes its piece again
+        with offsets (only truncation asks)."""
+        a, b, is_data = next(p for p in self.pieces if p[0] <= char < p[1])
+        [(_, offs)] = _encode(tokenizer, [self.text[a:b]], split_special=is_data, offsets=True)
+        return self.at[a] + bisect_right(offs, char - a, key=_END)  # first token ending after char
+
+
+def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]]]) -> list[Encoded]:
+    """Each (text, pieces) tokenized piece by piece (data pieces with control tokens split into plain text) and
+    concatenated; one batched call per kind of piece."""
     flat = [(n, a, b, is_data) for n, (_, pieces) in enumerate(items) for a, b, is_data in pieces]
-    encoded: dict[int, tuple] = {}
+    encoded: dict[int, list[int]] = {}
     for kind in (False, True):
         idx = [i for i, f in enumerate(flat) if f[3] == kind]
         if idx:
             texts = [items[flat[i][0]][0][flat[i][1]:flat[i][2]] for i in idx]
-            encoded.update(zip(idx, _encode_offsets(tokenizer, texts, split_special=kind)))
-    out = [([], []) for _ in items]
-    for i, (n, a, _, _) in enumerate(flat):
-        ids, offs = encoded[i]
-        out[n][0].extend(ids)
-        out[n][1].extend(offs if a == 0 else [(s + a, e + a) for s, e in offs])
+            encoded.update(zip(idx, _encode(tokenizer, texts, split_special=kind)))
+    out = [Encoded(text, pieces, [], {0: 0}) for text, pieces in items]
+    for i, (n, a, b, _) in enumerate(flat):
+        e = out[n]
+        e.at[a] = len(e.ids)
+        e.ids.extend(encoded[i])
+        e.at[b] = len(e.ids)
     return out
 
 
-def encode_piecewise(tokenizer, rendered: Rendered) -> tuple[list[int], list[tuple]]:
+def encode_piecewise(tokenizer, rendered: Rendered) -> list[int]:
     """Template text with control tokens as usual, message content as plain text (no cuts at trained spans:
     the tokens an inference prompt gets)."""
-    return _encode_pieces(tokenizer, [(rendered.text, _pieces(rendered, True, span_cuts=False))])[0]
+    return _encode_pieces(tokenizer, [(rendered.text, _pieces(rendered, True, span_cuts=False))])[0].ids
 
 
 def trained_spans(rendered: Rendered, loss_on: str) -> list[tuple[int, int]]:
@@ -117,33 +139,23 @@ def trained_spans(rendered: Rendered, loss_on: str) -> list[tuple[int, int]]:
     return [(r.train_start, r.end) for r in rendered.trained_regions()]
 
 
-def _token_range(offsets: list[tuple], a: int, b: int) -> tuple[int, int]:
-    """Indices [i, j) of the tokens covering characters [a, b) (trained spans are piece boundaries, so no token
-    straddles a or b)."""
-    i = bisect_right(offsets, a, key=_END)  # first token ending after a
-    j = bisect_left(offsets, b, key=_START)  # first token starting at or after b
-    assert (i == len(offsets) or offsets[i][0] >= a) and (j == 0 or offsets[j - 1][1] <= b), "span inside a token"
-    return i, j
-
-
-def _last_prompt_token(offsets: list[tuple], rendered: Rendered) -> int:
-    """Index of the token holding the last character of the message before the last trained turn (the end
-    of its instruction); that turn's start if there is no such text. Left truncation may cut up to it."""
+def _last_prompt_char(rendered: Rendered) -> int:
+    """The last character of the message before the last trained turn (the end of its instruction); that turn's
+    start if there is no such text. Left truncation may cut up to the token holding it."""
     last = (rendered.trained_regions() or rendered.assistant_regions() or rendered.regions)[-1]
-    anchor = last.start
     for r in rendered.regions[:rendered.regions.index(last)][::-1]:
         if r.content_start is not None and r.content_end > r.content_start:
-            anchor = r.content_end - 1
-            break
-    return bisect_right(offsets, anchor, key=_END)
+            return r.content_end - 1
+    return last.start
 
 
-def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts: DataConfig,
-                  where: Location, task: str | None = None) -> Example:
+def build_example(enc: Encoded, rendered: Rendered, opts: DataConfig, where: Location, tokenizer,
+                  task: str | None = None) -> Example:
+    ids = enc.ids
     n = len(ids)
     labels = [IGNORE] * n
-    spans = trained_spans(rendered, opts.loss_on)
-    token_spans = [_token_range(offsets, a, b) for a, b in spans]
+    # trained spans start and end at piece boundaries (tokenize_rendered cuts there)
+    token_spans = [(enc.at[a], enc.at[b]) for a, b in trained_spans(rendered, opts.loss_on)]
     for i, j in token_spans:
         labels[i:j] = ids[i:j]
     if not any(j > i for i, j in token_spans):  # token ids are never IGNORE
@@ -158,7 +170,7 @@ def build_example(ids: list[int], offsets: list[tuple], rendered: Rendered, opts
             raise Dropped("too_long")
         # Keep the end: the whole last response, its header and at least the end of the instruction before it.
         cut = n - opts.max_length
-        if cut > _last_prompt_token(offsets, rendered):
+        if cut > enc.token_at(tokenizer, _last_prompt_char(rendered)):
             raise Dropped("response_too_long")
         if opts.loss_on != "all":
             # An earlier response cut in the middle would be trained without its start: it becomes prompt.
@@ -199,21 +211,20 @@ class Resplit:
     turns: list[int]
 
 
-def _misaligned_turns(tokenizer, items: list[tuple[Rendered, list[int], list[tuple], bool]]) -> list[list[int]]:
-    """Per (rendered, ids, offsets, data_cuts): the trained turns after the first whose preceding tokens in the
+def _misaligned_turns(tokenizer, items: list[tuple[Rendered, Encoded, bool]]) -> list[list[int]]:
+    """Per (rendered, encoded, data_cuts): the trained turns after the first whose preceding tokens in the
     example are not the tokens of their own inference prompt (the prompt tokenized alone, as at inference)."""
     checks = []
-    for n, (r, ids, offs, data_cuts) in enumerate(items):
+    for n, (r, _, _) in enumerate(items):
         for g in r.trained_regions()[1:]:
             if g.message >= 0:  # not a {% generation %} block: those are trained where the template puts them
                 checks.append((n, g))
-    expected = _encode_pieces(tokenizer, [(items[n][0].text, _pieces(items[n][0], items[n][3], g.train_start,
+    expected = _encode_pieces(tokenizer, [(items[n][0].text, _pieces(items[n][0], items[n][2], g.train_start,
                                                                       span_cuts=False)) for n, g in checks])
     bad: list[list[int]] = [[] for _ in items]
-    for (n, g), (want, _) in zip(checks, expected):
-        _, ids, offs, _ = items[n]
-        i = bisect_left(offs, g.train_start, key=_START)
-        if ids[:i] != want:
+    for (n, g), want in zip(checks, expected):
+        enc = items[n][1]
+        if enc.ids[:enc.at[g.train_start]] != want.ids:
             bad[n].append(g.message)
     return bad
 
@@ -233,13 +244,13 @@ def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenize
             continue
         todo.append((k, bool(hits)))
     encoded = _encode_pieces(tokenizer, [(batch[k].text, _pieces(batch[k], cut)) for k, cut in todo])
-    bad = _misaligned_turns(tokenizer, [(batch[k], ids, offs, cut) for (k, cut), (ids, offs) in zip(todo, encoded)])
-    for (k, _), (ids, offs), turns in zip(todo, encoded, bad):
+    bad = _misaligned_turns(tokenizer, [(batch[k], enc, cut) for (k, cut), enc in zip(todo, encoded)])
+    for (k, _), enc, turns in zip(todo, encoded, bad):
         r = batch[k]
         if turns:
             r = Rendered(r.text, [replace(g, trained=False) if g.message in turns else g for g in r.regions])
         try:
-            ex = build_example(ids, offs, r, opts, convs[k].where, convs[k].task)
+            ex = build_example(enc, r, opts, convs[k].where, tokenizer, convs[k].task)
             results[k] = Resplit(ex, turns) if turns else ex
         except (DataError, Dropped) as e:
             results[k] = e
