@@ -57,22 +57,26 @@ def _stock_backend(tokenizer):
     return backend if backend.truncation is None and backend.padding is None else None
 
 
-def _encode(tokenizer, texts: list[str], split_special: bool = False, offsets: bool = False) -> list:
-    """Token ids of each text (with `offsets`: (ids, character offsets)), exactly what
-    `tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)` gives."""
+@dataclass
+class _Piece:
+    ids: list[int]
+    offsets: list[tuple]
+
+
+def _encode(tokenizer, texts: list[str], split_special: bool = False) -> list:
+    """Each text tokenized as `tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)` does:
+    objects with `.ids` and `.offsets` (the Rust `Encoding`s where the tokenizer is a stock fast one: its offsets
+    become Python tuples only where asked for)."""
     backend = _stock_backend(tokenizer)
     if backend is not None:
-        # What tokenizer(...) runs for these arguments, without building a BatchEncoding (a fifth of the tokenizing
-        # time on T0); without offsets, the Rust side does not track them either.
+        # What tokenizer(...) runs for these arguments, without building a BatchEncoding and its offset lists
+        # (a third of the tokenizing time on T0).
         if backend.encode_special_tokens != split_special:
             backend.encode_special_tokens = split_special
-        if offsets:
-            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21 has no _fast
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets, split_special_tokens=split_special,
+        return backend.encode_batch(texts, add_special_tokens=False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split_special,
                     return_attention_mask=False)
-    return list(zip(enc["input_ids"], enc["offset_mapping"])) if offsets else list(enc["input_ids"])
+    return [_Piece(ids, offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
 def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cuts: bool = True
@@ -94,34 +98,34 @@ def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cu
 class Encoded:
     """A text tokenized piece by piece: the concatenated ids, and for every piece boundary (character position)
     the index of the first token at or after it (pieces are tokenized alone, so no token straddles one)."""
-    text: str
     pieces: list[tuple[int, int, bool]]
+    encodings: list  # per piece, from _encode
     ids: list[int]
     at: dict[int, int]
 
-    def token_at(self, tokenizer, char: int) -> int:
-        """Index of the token holding character `char` (the next token if none does); tokenizes its piece again
-        with offsets (only truncation asks)."""
-        a, b, is_data = next(p for p in self.pieces if p[0] <= char < p[1])
-        [(_, offs)] = _encode(tokenizer, [self.text[a:b]], split_special=is_data, offsets=True)
-        return self.at[a] + bisect_right(offs, char - a, key=_END)  # first token ending after char
+    def token_at(self, char: int) -> int:
+        """Index of the token holding character `char` (the next token if none does)."""
+        k = next(k for k, (a, b, _) in enumerate(self.pieces) if a <= char < b)
+        a = self.pieces[k][0]
+        return self.at[a] + bisect_right(self.encodings[k].offsets, char - a, key=_END)  # first token ending after
 
 
 def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]]]) -> list[Encoded]:
     """Each (text, pieces) tokenized piece by piece (data pieces with control tokens split into plain text) and
     concatenated; one batched call per kind of piece."""
     flat = [(n, a, b, is_data) for n, (_, pieces) in enumerate(items) for a, b, is_data in pieces]
-    encoded: dict[int, list[int]] = {}
+    encoded: dict[int, object] = {}
     for kind in (False, True):
         idx = [i for i, f in enumerate(flat) if f[3] == kind]
         if idx:
             texts = [items[flat[i][0]][0][flat[i][1]:flat[i][2]] for i in idx]
             encoded.update(zip(idx, _encode(tokenizer, texts, split_special=kind)))
-    out = [Encoded(text, pieces, [], {0: 0}) for text, pieces in items]
+    out = [Encoded(pieces, [], [], {0: 0}) for _, pieces in items]
     for i, (n, a, b, _) in enumerate(flat):
         e = out[n]
+        e.encodings.append(encoded[i])
         e.at[a] = len(e.ids)
-        e.ids.extend(encoded[i])
+        e.ids.extend(encoded[i].ids)
         e.at[b] = len(e.ids)
     return out
 
@@ -149,7 +153,7 @@ def _last_prompt_char(rendered: Rendered) -> int:
     return last.start
 
 
-def build_example(enc: Encoded, rendered: Rendered, opts: DataConfig, where: Location, tokenizer,
+def build_example(enc: Encoded, rendered: Rendered, opts: DataConfig, where: Location,
                   task: str | None = None) -> Example:
     ids = enc.ids
     n = len(ids)
@@ -170,7 +174,7 @@ def build_example(enc: Encoded, rendered: Rendered, opts: DataConfig, where: Loc
             raise Dropped("too_long")
         # Keep the end: the whole last response, its header and at least the end of the instruction before it.
         cut = n - opts.max_length
-        if cut > enc.token_at(tokenizer, _last_prompt_char(rendered)):
+        if cut > enc.token_at(_last_prompt_char(rendered)):
             raise Dropped("response_too_long")
         if opts.loss_on != "all":
             # An earlier response cut in the middle would be trained without its start: it becomes prompt.
@@ -250,7 +254,7 @@ def tokenize_rendered(batch: list[Rendered], convs: list[Conversation], tokenize
         if turns:
             r = Rendered(r.text, [replace(g, trained=False) if g.message in turns else g for g in r.regions])
         try:
-            ex = build_example(enc, r, opts, convs[k].where, tokenizer, convs[k].task)
+            ex = build_example(enc, r, opts, convs[k].where, convs[k].task)
             results[k] = Resplit(ex, turns) if turns else ex
         except (DataError, Dropped) as e:
             results[k] = e
