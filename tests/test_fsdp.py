@@ -152,3 +152,22 @@ def test_fsdp_through_accelerate_launch(tmp_path, tiny_model_dir):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     ckpt = ckpt_mod.list_checkpoints(tmp_path / "two")[-1]
     assert json.loads((ckpt / "state.json").read_text())["optimizer_shards"] == 2  # two processes, sharded
+
+
+def test_data_error_on_the_main_process_stops_every_process(tmp_path, tiny_model_dir):
+    """The main process prepares the data and sends the others its entry's path; an invalid record stops it, and
+    the others get the same `FILE:LINE: reason` instead of waiting for a path that never comes."""
+    data = write_data(tmp_path / "train.jsonl", n=16)
+    lines = data.read_text().splitlines()
+    lines[6] = json.dumps({"prompt": "What is two plus two?"})  # no completion
+    data.write_text("\n".join(lines) + "\n")
+    cmd = fsdp_cmd(tmp_path / "two", [f"model.path={tiny_model_dir}", f"data.train=[{data}]",
+                                      "data.max_length=128", "train.max_steps=1"], 29551)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "TORCHELASTIC_ERROR_FILE": str(tmp_path / "err.json")},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert out.count(f"{data}:7") >= 2, out[-3000:]  # both processes say where
+    assert time.monotonic() - t0 < 240  # no process left waiting for the collective timeout
+    assert not (tmp_path / "two" / "model").exists()

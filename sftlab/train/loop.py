@@ -40,7 +40,7 @@ from rich.console import Console
 
 from ..config import RunConfig, dump_config
 from ..data.pipeline import DataReport, iter_examples
-from ..data.prepared import Chained, Examples, Prepared, prepare, prepared_line, tasks_of
+from ..data.prepared import Built, Chained, Examples, Prepared, open_entry, prepare, prepared_line, tasks_of
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
@@ -179,19 +179,52 @@ def prepare_data(cfg: RunConfig, tokenizer, accelerator=None, console: Console |
 def examples_of(inputs: list[str], tokenizer, opts, accelerator=None, console: Console | None = None,
                 label: str = "data") -> tuple[Examples, DataReport]:
     """The tokenized examples of `inputs` and their data report. With data.cache: the main process finds or builds
-    the cache entry (`data.prepared.prepare`) while the others wait, then every process maps it."""
+    the cache entry (`data.prepared.prepare`) while the others wait for its path, then every process maps it."""
     if not opts.cache:
         report = DataReport()
         return list(iter_examples(inputs, tokenizer, opts, report)), report
-    main = accelerator is None or accelerator.is_main_process
-    built = prepare(inputs, tokenizer, opts, console, label=label) if main else None
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if not main:
+    if accelerator is None or accelerator.num_processes == 1:
         built = prepare(inputs, tokenizer, opts, console, label=label)
-    elif console is not None:
+    else:
+        built = _prepared_by_main(inputs, tokenizer, opts, accelerator, console, label)
+    if console is not None and (accelerator is None or accelerator.is_main_process):
         console.print(prepared_line(built, label), highlight=False, soft_wrap=True)
     return built.prepared, built.prepared.report()
+
+
+def _prepared_by_main(inputs: list[str], tokenizer, opts, accelerator, console: Console | None, label: str) -> Built:
+    """The main process finds or builds the entry and sends its path (or the error that stopped it) to the others,
+    which map it; a process that cannot see that path (a cache on a node-local disk) builds its own copy."""
+    from accelerate.utils import broadcast_object_list
+
+    message: list = [None]
+    if accelerator.is_main_process:
+        try:
+            built = prepare(inputs, tokenizer, opts, console, label=label)
+            message = [str(built.prepared.path)]
+        except Exception as e:  # the others raise it too instead of waiting for a path that never comes
+            message = [e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")]
+            broadcast_object_list(message)
+            raise
+    broadcast_object_list(message)
+    if accelerator.is_main_process:
+        return built
+    if isinstance(message[0], Exception):
+        raise message[0]
+    t0 = time.perf_counter()
+    found = open_entry(Path(message[0]))
+    return Built(found, True, time.perf_counter() - t0) if found is not None else prepare(inputs, tokenizer, opts,
+                                                                                          label=label)
+
+
+def _picklable(obj) -> bool:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(obj))
+        return True
+    except Exception:
+        return False
 
 
 def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console | None = None) -> Setup:
