@@ -5,18 +5,24 @@ copy number so that every example is distinct (50,410 records x 20 = 1,008,200).
 
 - `sftlab data prepare` with 1 and 2 workers (`data.num_workers`), each into an empty cache: records/s, examples/s,
   wall, peak RSS of the whole process tree (sampled from /proc every 0.2 s), the entry's size on disk;
-- TRL's own dataset preparation (`SFTTrainer._prepare_dataset`: chat template, tokenize, completion mask) with
-  `dataset_num_proc` 1 and 2 on the same records as a conversational prompt/completion dataset (loaded into Arrow
-  outside the timed region, artefact stripped, prefix applied: the comparison leans TRL's way), on the first
-  `--trl-examples` of them (default: all);
-- `sftlab train` (the default model, `--steps` steps) on the prepared 1M set and on its first 10k examples, from a
-  warm cache: seconds from process start to the first step's metrics row, the data line the run logs (a cache hit,
+- TRL's own dataset preparation (`SFTTrainer._prepare_dataset`: chat template, tokenize, completion mask,
+  truncation to the same max length) with `dataset_num_proc` 1 and 2 on the same records as a conversational
+  prompt/completion dataset (loaded into Arrow outside the timed region, artefact stripped, prefix applied: the
+  comparison leans TRL's way); on all of them, or with `--trl-every K` on every K-th record (an even sample of the
+  same mix, for a quicker look);
+- `sftlab train` (a tiny random-weight Llama with the same tokenizer, packed rows, `--steps` steps: what is
+  measured is the data path, not the model) on the prepared 1M set and on its first `--small` records, from a warm
+  cache: seconds from process start until the first step's metrics row, the data line the run logs (a cache hit,
   nothing tokenized) and the training process's peak RSS, so the two sizes can be set side by side.
+
+"1 worker" is sftlab's default in-process build, where the tokenizers library may use its own thread pool for a
+batch (TOKENIZERS_PARALLELISM unset, as for a user); with 2 workers each worker process tokenizes on one thread.
+TRL's `dataset_num_proc=None` tokenizes one example per call.
 
 Progress goes to stderr; stdout gets one JSON line.
 
-    python benchmarks/data_scale.py                                  # 1M examples, TRL on all of them
-    python benchmarks/data_scale.py --copies 2 --trl-examples 20000  # a quick look
+    python benchmarks/data_scale.py                              # 1M examples, TRL on all of them
+    python benchmarks/data_scale.py --copies 2 --trl-every 10    # a quick look
 """
 
 from __future__ import annotations
@@ -45,25 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="directory of prompt/completion JSONL files (the T0 mixture)")
     p.add_argument("--copies", type=int, default=20, help="copies of the data, each with its own prompt prefix")
     p.add_argument("--workers", default="1,2", help="worker counts to prepare with (and TRL's dataset_num_proc)")
-    p.add_argument("--trl-examples", type=int, default=None, help="TRL prepares the first N records (default: all)")
+    p.add_argument("--trl-every", type=int, default=1, help="TRL prepares every K-th record (default: all of them)")
     p.add_argument("--small", type=int, default=10_000, help="examples of the small set trained for the RSS check")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of each training run")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default", help="whose tokenizer and chat template the data gets")
     p.add_argument("--workdir", default=None, help="where the set, caches and runs go (default: a temp dir, removed)")
     p.add_argument("--skip-trl", action="store_true")
     args = p.parse_args(argv)
     args.workers = [int(w) for w in args.workers.split(",")]
-    if args.copies < 1 or min(args.workers) < 1:
-        p.error("--copies and --workers must be at least 1")
+    if args.copies < 1 or min(args.workers) < 1 or args.trl_every < 1:
+        p.error("--copies, --workers and --trl-every must be at least 1")
     return args
 
 
-def build_set(data: Path, copies: int, out: Path, trl_out: Path, trl_limit: int | None, small: int,
-              small_out: Path) -> int:
-    """The repeated set as sftlab reads it (prompt/completion JSONL), the same records as TRL's conversational
-    prompt/completion JSONL (the first `trl_limit`), and the first `small` records as the small set."""
+def build_set(data: Path, copies: int, out: Path, trl_out: Path, trl_every: int | None, small: int,
+              small_out: Path) -> tuple[int, int]:
+    """The repeated set as sftlab reads it (prompt/completion JSONL), the same records (every `trl_every`-th; None:
+    none) as TRL's conversational prompt/completion JSONL, and the first `small` records as the small set."""
     files = sorted(data.glob("*.jsonl"))
-    n = 0
+    n = n_trl = 0
     with open(out, "w") as f, open(trl_out, "w") as g, open(small_out, "w") as s:
         for c in range(copies):
             for path in files:
@@ -76,12 +82,31 @@ def build_set(data: Path, copies: int, out: Path, trl_out: Path, trl_limit: int 
                     f.write(row)
                     if n < small:
                         s.write(row)
-                    if trl_limit is None or n < trl_limit:
+                    if trl_every is not None and n % trl_every == 0:
+                        n_trl += 1
                         completion = rec["completion"].removesuffix(STRIP)
                         g.write(json.dumps({"prompt": [{"role": "user", "content": rec["prompt"]}],
                                             "completion": [{"role": "assistant", "content": completion}]}) + "\n")
                     n += 1
-    return n
+    return n, n_trl
+
+
+def build_tiny_model(model: str, out: Path) -> Path:
+    """A 2-layer random-weight Llama saved with `model`'s tokenizer (and chat template)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftlab.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def _children() -> dict[int, list[int]]:
@@ -114,7 +139,8 @@ def tree_rss_mb(pid: int) -> float:
 
 def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = None, env: dict | None = None
                 ) -> dict:
-    """Run `cmd`, sampling its process tree's RSS; with `watch`, also the seconds until that file is non-empty."""
+    """Run `cmd`, sampling its process tree's RSS; with `watch`, also the seconds until that file has a step's row
+    (sampled every 0.2 s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
@@ -127,7 +153,7 @@ def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = N
     last_print = t0
     while proc.poll() is None:
         peak = max(peak, tree_rss_mb(proc.pid))
-        if watch is not None and first is None and watch.is_file() and watch.stat().st_size > 0:
+        if watch is not None and first is None and watch.is_file() and b'"step"' in watch.read_bytes():
             first = time.perf_counter() - t0
         if time.perf_counter() - last_print > 30:
             err.print(f"  {label}: {time.perf_counter() - t0:.0f} s, RSS {peak:,.0f} MB", highlight=False)
@@ -194,7 +220,7 @@ def sftlab_train(data: Path, cache: Path, out: Path, model: str, steps: int, err
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "sftlab", "train", f"model.path={model}", f"data.train=[{data}]",
            f"data.strip=[{STRIP}]", "data.skip_invalid=true", f"data.cache_dir={cache}", f"train.max_steps={steps}",
-           f"output_dir={out}"]
+           "train.batching=packed", "train.batch_tokens=2048", "train.lr=1e-4", f"output_dir={out}"]
     r = run_sampled(cmd, err, label, watch=out / "metrics.jsonl", env={"SFTLAB_LOG_EVERY": "5"})
     data_line = next((line.strip() for line in r["output"].splitlines() if "train data:" in line), "")
     return {"first_step_s": round(r["first_s"], 1) if r["first_s"] else None, "wall_s": round(r["wall_s"], 1),
@@ -212,19 +238,20 @@ def main(argv=None) -> dict:
     try:
         full, trl_set, small = work / "t0-x.jsonl", work / "t0-x-trl.jsonl", work / "t0-small.jsonl"
         err.print(f"building the set ({args.copies} copies of {args.data}) in {work}", highlight=False)
-        n = build_set(Path(args.data), args.copies, full, trl_set, None if args.skip_trl else args.trl_examples,
-                      args.small, small)
+        n, n_trl = build_set(Path(args.data), args.copies, full, trl_set, None if args.skip_trl else args.trl_every,
+                             args.small, small)
+        tiny = build_tiny_model(args.model, work / "tiny-llama")
         result: dict = {"benchmark": "data_scale", "records": n, "set_mb": round(full.stat().st_size / 2**20),
-                        "sftlab": [], "trl": []}
+                        "trl_every": args.trl_every, "sftlab": [], "trl": []}
         cache = work / "cache"
         for w in args.workers:
-            r = sftlab_prepare(full, w, work / f"cache-{w}", args.model, err)
+            r = sftlab_prepare(full, w, work / f"cache-{w}", str(tiny), err)
             err.print(f"sftlab prepare x{w}: {r['records_per_s']:,.0f} records/s, peak RSS {r['peak_rss_mb']:,} MB, "
                       f"cache {r['cache_mb']:,} MB", highlight=False)
             result["sftlab"].append(r)
         if not args.skip_trl:
             for w in args.workers:
-                r = trl_prepare(trl_set, w, args.model, work, err)
+                r = trl_prepare(trl_set, w, str(tiny), work, err)
                 err.print(f"TRL prepare x{w}: {r['records_per_s']:,.0f} records/s on {r['records']:,} records, "
                           f"peak RSS {r['peak_rss_mb']:,} MB", highlight=False)
                 result["trl"].append(r)
@@ -233,13 +260,14 @@ def main(argv=None) -> dict:
         os.replace(work / f"cache-{args.workers[-1]}", cache)
         # warm cache: the small set is prepared first (not timed), then each run starts from its entry
         subprocess.run([sys.executable, "-m", "sftlab", "data", "prepare", str(small), "--out", str(cache),
-                        "--model", args.model, "--strip", STRIP, "--skip-invalid"], check=True,
+                        "--model", str(tiny), "--strip", STRIP, "--skip-invalid"], check=True,
                        capture_output=True)
-        result["train_1m"] = sftlab_train(full, cache, work / "run-full", args.model, args.steps, err, "train (full)")
-        result["train_small"] = sftlab_train(small, cache, work / "run-small", args.model, args.steps, err,
+        result["train_full"] = sftlab_train(full, cache, work / "run-full", str(tiny), args.steps, err,
+                                            "train (full)")
+        result["train_small"] = sftlab_train(small, cache, work / "run-small", str(tiny), args.steps, err,
                                              "train (small)")
         result["train_small"]["examples"] = args.small
-        result["train_rss_ratio_full_vs_small"] = round(result["train_1m"]["peak_rss_mb"]
+        result["train_rss_ratio_full_vs_small"] = round(result["train_full"]["peak_rss_mb"]
                                                         / result["train_small"]["peak_rss_mb"], 3)
         result["machine"] = cpu_facts()
     finally:
