@@ -171,3 +171,28 @@ def test_data_error_on_the_main_process_stops_every_process(tmp_path, tiny_model
     assert out.count(f"{data}:7") >= 2, out[-3000:]  # both processes say where
     assert time.monotonic() - t0 < 240  # no process left waiting for the collective timeout
     assert not (tmp_path / "two" / "model").exists()
+
+
+def test_fsdp_bf16_master_is_fsdp_mixed_precision(tmp_path, tiny_model_dir):
+    """precision bf16-master under train.fsdp is FSDP's own MixedPrecisionPolicy: the fp32 shards are the masters
+    (at lr 1e-6 they move by amounts a bf16 weight could not hold), forward and backward run in bf16 (the losses
+    are one process's bf16-master losses, not its fp32 ones), gradients are reduced in fp32."""
+    from safetensors.torch import load_file
+
+    args = common(tmp_path, tiny_model_dir, "train.max_steps=3", "train.lr=1e-6", "train.scheduler=constant",
+                  "train.warmup_ratio=0")
+    one_process(tmp_path / "bf16m", [*args, "train.precision=bf16-master"])
+    one_process(tmp_path / "fp32", [*args, "train.precision=fp32"])
+    two_processes(tmp_path / "two", [*args, "train.precision=bf16-master"], 29552)
+    two, bf16m, fp32 = (losses(tmp_path / d) for d in ("two", "bf16m", "fp32"))
+    assert two == pytest.approx(bf16m, rel=2e-3)
+    assert max(abs(a - b) for a, b in zip(two, fp32)) > 3 * max(abs(a - b) for a, b in zip(two, bf16m))
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = final_weights(tmp_path / "two")
+    masters = final_weights(tmp_path / "bf16m")
+    w, w0 = final["model.layers.0.mlp.up_proj.weight"], init["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == torch.float32
+    assert (w != w0).float().mean() > 0.5  # moved by ~3e-6 ...
+    assert (w.to(torch.bfloat16).float() != w).float().mean() > 0.5  # ... to values bf16 cannot hold
+    m = masters["model.layers.0.mlp.up_proj.weight"]  # one process's: the same updates, bar gradients near zero
+    assert (w - m).abs().mean() < 0.1 * (w - w0).abs().mean()

@@ -203,28 +203,19 @@ def _prepared_by_main(inputs: list[str], tokenizer, opts, accelerator, console: 
             built = prepare(inputs, tokenizer, opts, console, label=label)
             message = [str(built.prepared.path)]
         except Exception as e:  # the others raise it too instead of waiting for a path that never comes
-            message = [e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")]
-            broadcast_object_list(message)
+            broadcast_object_list([("error", type(e).__name__, str(e))])
             raise
     broadcast_object_list(message)
     if accelerator.is_main_process:
         return built
-    if isinstance(message[0], Exception):
-        raise message[0]
+    if isinstance(message[0], tuple):
+        _, kind, reason = message[0]
+        raise (ValueError if kind in ("ValueError", "DataError") else RuntimeError)(
+            f"the main process stopped preparing the {label}: {kind}: {reason}")
     t0 = time.perf_counter()
     found = open_entry(Path(message[0]))
     return Built(found, True, time.perf_counter() - t0) if found is not None else prepare(inputs, tokenizer, opts,
                                                                                           label=label)
-
-
-def _picklable(obj) -> bool:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(obj))
-        return True
-    except Exception:
-        return False
 
 
 def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console | None = None) -> Setup:
@@ -244,11 +235,10 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console 
     if t.precision == "bf16-master" and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(f"train.precision=bf16-master works in one process or under DDP; with "
                          f"{accelerator.distributed_type.name} use precision: bf16 (its own mixed precision)")
-    if t.fsdp and (t.precision == "bf16-master" or t.compile
-                   or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")):
-        raise ValueError("train.fsdp shards with PyTorch's fully_shard itself: use precision fp32 or bf16, no "
-                         "train.compile, and a launch config that is not accelerate's FSDP/DeepSpeed plugin "
-                         f"(got precision {t.precision}, compile {t.compile}, {accelerator.distributed_type.name})")
+    if t.fsdp and (t.compile or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM")):
+        raise ValueError("train.fsdp shards with PyTorch's fully_shard itself: no train.compile, and a launch config "
+                         "that is not accelerate's FSDP/DeepSpeed plugin "
+                         f"(got compile {t.compile}, {accelerator.distributed_type.name})")
     if t.precision != "fp32" and not bf16_native(accelerator.device.type):
         where = "CPU (no AVX-512 BF16 or AMX)" if accelerator.device.type == "cpu" else accelerator.device.type
         warnings.warn(f"train.precision={t.precision}: bf16 is not native on this {where}: bf16 matmuls are "
@@ -272,7 +262,8 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console 
         if cfg.lora.enabled:
             model.enable_input_require_grads()
     master = None
-    if t.precision == "bf16-master":  # fp32 masters from the weights as loaded, then the model goes bf16
+    # fp32 masters from the weights as loaded, then the model goes bf16 (under train.fsdp: FSDP's own policy)
+    if t.precision == "bf16-master" and not t.fsdp:
         master = MasterWeights(model)
         cast_model(model, torch.bfloat16)
         if base_copy is not None:
@@ -289,7 +280,7 @@ def setup(cfg: RunConfig, planner: EpochPlanner, loss: LossFn, console: Console 
         module = torch.compile(module)
     if t.fsdp:  # before the optimizer: sharding replaces the parameters with DTensors
         model.to(accelerator.device)
-        shard(module, model)
+        shard(module, model, bf16_compute=t.precision == "bf16-master")
     params = master.params if master else [p for p in model.parameters() if p.requires_grad]
     # fused AdamW (one kernel over all parameters) exists for CPU and CUDA tensors in torch >= 2.4
     fused = t.fused_adamw if t.fused_adamw is not None else (

@@ -31,9 +31,11 @@ def fsdp_modules(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
-def shard(module: nn.Module, model: nn.Module, mp_policy=None) -> None:
-    """fully_shard every decoder layer of `model`, then `module` (model + loss) as the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(module: nn.Module, model: nn.Module, bf16_compute: bool = False) -> None:
+    """fully_shard every decoder layer of `model`, then `module` (model + loss) as the root. `bf16_compute`
+    (precision bf16-master): FSDP's own mixed precision — the fp32 shards are the master weights the optimizer
+    steps, gathered as bf16 for forward and backward, gradients reduced and kept in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..lm import decoder_body
 
@@ -41,10 +43,15 @@ def shard(module: nn.Module, model: nn.Module, mp_policy=None) -> None:
     layers = getattr(body, "layers", None)
     if layers is None:
         raise ValueError(f"train.fsdp: {type(model).__name__} has no decoder layers (body.layers) to shard")
-    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    layer_kw, root_kw = {}, {}
+    if bf16_compute:
+        layer_kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+        # the root's inputs are the batch: its float tensors are loss weights, kept fp32
+        root_kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                     cast_forward_inputs=False)}
     for layer in layers:
-        fully_shard(layer, **kw)
-    fully_shard(module, **kw)
+        fully_shard(layer, **layer_kw)
+    fully_shard(module, **root_kw)
 
 
 def is_sharded(t) -> bool:
