@@ -13,7 +13,9 @@ copy number so that every example is distinct (50,410 records x 20 = 1,008,200).
 - `sftlab train` (a tiny random-weight Llama with the same tokenizer, packed rows, `--steps` steps: what is
   measured is the data path, not the model) on the prepared 1M set and on its first `--small` records, from a warm
   cache: seconds from process start until the first step's metrics row, the data line the run logs (a cache hit,
-  nothing tokenized) and the training process's peak RSS, so the two sizes can be set side by side.
+  nothing tokenized) and the training process's peak RSS, so the two sizes can be set side by side. RSS is given
+  whole (VmRSS: it counts the pages of the memory-mapped entry a process touched, which the kernel may drop) and
+  anonymous (RssAnon: what the processes allocated).
 
 "1 worker" is sftlab's default in-process build, where the tokenizers library may use its own thread pool for a
 batch (TOKENIZERS_PARALLELISM unset, as for a user); with 2 workers each worker process tokenizes on one thread.
@@ -122,9 +124,10 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, MB (/proc/PID/status VmRSS)."""
-    kids, todo, total = _children(), [pid], 0
+def tree_rss_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of a process and all its descendants, MB: all of it (/proc/PID/status VmRSS, which counts
+    the pages of mapped files it touched) and its anonymous part (RssAnon: what it allocated itself)."""
+    kids, todo, total, anon = _children(), [pid], 0, 0
     while todo:
         p = todo.pop()
         todo += kids.get(p, [])
@@ -132,9 +135,11 @@ def tree_rss_mb(pid: int) -> float:
             for line in open(f"/proc/{p}/status"):
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon += int(line.split()[1])
         except OSError:
             pass
-    return total / 1024
+    return total / 1024, anon / 1024
 
 
 def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = None, env: dict | None = None
@@ -144,7 +149,7 @@ def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = N
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-    peak, first = 0.0, None
+    peak, peak_anon, first = 0.0, 0.0, None
     import threading
 
     lines: list[str] = []
@@ -152,7 +157,8 @@ def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = N
     reader.start()
     last_print = t0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
+        rss, anon = tree_rss_mb(proc.pid)
+        peak, peak_anon = max(peak, rss), max(peak_anon, anon)
         if watch is not None and first is None and watch.is_file() and b'"step"' in watch.read_bytes():
             first = time.perf_counter() - t0
         if time.perf_counter() - last_print > 30:
@@ -164,7 +170,7 @@ def run_sampled(cmd: list[str], err: Console, label: str, watch: Path | None = N
     out = "".join(lines)
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mb": peak, "first_s": first, "output": out}
+    return {"wall_s": wall, "peak_rss_mb": peak, "peak_anon_mb": peak_anon, "first_s": first, "output": out}
 
 
 def du_mb(path: Path) -> float:
@@ -182,7 +188,8 @@ def sftlab_prepare(data: Path, workers: int, cache: Path, model: str, err: Conso
     return {"workers": workers, "records": records, "examples": meta["examples"], "tokens": meta["tokens"],
             "wall_s": round(r["wall_s"], 1), "build_s": round(meta["build_seconds"], 1),
             "records_per_s": round(records / r["wall_s"], 1), "examples_per_s": round(meta["examples"] / r["wall_s"], 1),
-            "peak_rss_mb": round(r["peak_rss_mb"]), "cache_mb": round(du_mb(entry)), "entry": str(entry)}
+            "peak_rss_mb": round(r["peak_rss_mb"]), "peak_anon_mb": round(r["peak_anon_mb"]),
+            "cache_mb": round(du_mb(entry)), "entry": str(entry)}
 
 
 TRL_CHILD = r'''
@@ -224,7 +231,8 @@ def sftlab_train(data: Path, cache: Path, out: Path, model: str, steps: int, err
     r = run_sampled(cmd, err, label, watch=out / "metrics.jsonl", env={"SFTLAB_LOG_EVERY": "5"})
     data_line = next((line.strip() for line in r["output"].splitlines() if "train data:" in line), "")
     return {"first_step_s": round(r["first_s"], 1) if r["first_s"] else None, "wall_s": round(r["wall_s"], 1),
-            "peak_rss_mb": round(r["peak_rss_mb"]), "cache_hit": "nothing tokenized" in data_line,
+            "peak_rss_mb": round(r["peak_rss_mb"]), "peak_anon_mb": round(r["peak_anon_mb"]),
+            "cache_hit": "nothing tokenized" in data_line,
             "data_line": data_line}
 
 
@@ -267,8 +275,9 @@ def main(argv=None) -> dict:
         result["train_small"] = sftlab_train(small, cache, work / "run-small", str(tiny), args.steps, err,
                                              "train (small)")
         result["train_small"]["examples"] = args.small
-        result["train_rss_ratio_full_vs_small"] = round(result["train_full"]["peak_rss_mb"]
-                                                        / result["train_small"]["peak_rss_mb"], 3)
+        for kind in ("rss", "anon"):
+            result[f"train_{kind}_ratio_full_vs_small"] = round(result["train_full"][f"peak_{kind}_mb"]
+                                                                / result["train_small"][f"peak_{kind}_mb"], 3)
         result["machine"] = cpu_facts()
     finally:
         if not args.workdir:

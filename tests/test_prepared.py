@@ -15,11 +15,10 @@ import pytest
 
 from sftlab.config import DataConfig, load_config
 from sftlab.data.pipeline import DataReport, iter_examples
-from sftlab.data.prepared import Prepared, cache_key, open_entry, prepare, trained_counts
+from sftlab.data.prepared import Chained, Prepared, cache_key, fingerprint, open_entry, prepare, trained_counts
 from sftlab.data.template import resolve_template
 from sftlab.data.validate import DataError
 from sftlab.train.loop import prepare_data, train
-from sftlab.train.outputs import fingerprint
 from sftlab.train.plan import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +74,18 @@ def test_cache_holds_exactly_the_streamed_examples_for_any_worker_count(tmp_path
                 for ex in ref]
         assert trained_counts(b.prepared).tolist() == want
     assert report.invalid.total >= 2 and report.truncated + sum(report.dropped.values()) >= 1
-    for name in ("input_ids.bin", "mask.bin", "offsets.npy", "task_ids.npy", "truncated.npy"):
+    for name in ("input_ids.bin", "mask.bin", "digests.bin", "offsets.npy", "task_ids.npy", "truncated.npy"):
         assert (built[1].path / name).read_bytes() == (built[2].path / name).read_bytes(), name
     assert built[1].path.name == built[2].path.name  # workers are not part of the key
     assert fingerprint(built[1]) == fingerprint(ref)
     sub = built[1].select([4, 0, 7])
     assert all(same(sub[k], ref[i]) for k, i in enumerate([4, 0, 7])) and sub.lengths.tolist() == [
         len(ref[i].input_ids) for i in (4, 0, 7)]
+    # the fingerprint from the stored digests = the one computed from the examples, for a subset and a chain too
+    picked = [ref[i] for i in (4, 0, 7)]
+    assert fingerprint(sub) == fingerprint(picked) != fingerprint(ref)
+    assert fingerprint(Chained(sub, built[2])) == fingerprint(picked + ref)
+    assert fingerprint(built[1].select([0, 4, 7])) != fingerprint(sub)  # order counts
 
 
 def test_key_follows_content_options_template_and_tokenizer(tmp_path, tokenizer):

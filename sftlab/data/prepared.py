@@ -11,6 +11,8 @@ An entry is a directory `<cache_dir>/<key>/`:
   trained; labels are the ids there and -100 elsewhere, the one form `tokenize.build_example` gives), both flat;
   `weights.bin` (float32, flat) only with `prompt_loss_weight > 0`;
 - `offsets.npy` (int64, examples + 1), `task_ids.npy` (int32) and `truncated.npy` (uint8), one per example;
+- `digests.bin`: each example's `example_digest` (DIGEST bytes), what the run's data fingerprint is made of (read
+  without touching the token arrays, so training's memory does not grow with the data set);
 - `meta.json`: the key's components, counts, dtypes, the data report, the answer counts `data inspect` needs —
   written last, then the directory is renamed into place. A directory without a complete `meta.json`, or whose
   arrays do not have the sizes it records, is never used (a build that died is rebuilt).
@@ -49,7 +51,8 @@ from .template import ChatTemplate, resolve_template
 from .tokenize import IGNORE, Dropped, Example, protected_pattern
 from .validate import DataError, InvalidLog, Location
 
-FORMAT = 1  # the entry layout; a change is a new key
+FORMAT = 2  # the entry layout; a change is a new key
+DIGEST = 16  # bytes of each example's digest (`example_digest`)
 # options applied after the cache (batching, the validation split) or that do not change tokens
 # (skip_invalid: an entry holds the valid examples either way and records its invalid ones; a run without it gets
 # the first one's error from a hit, `invalid_error`)
@@ -126,6 +129,7 @@ class Prepared(Sequence):
         self._offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
         self._task_ids = np.load(self.path / "task_ids.npy", mmap_mode="r")
         self._truncated = np.load(self.path / "truncated.npy", mmap_mode="r")
+        self._digests = _memmap(self.path / "digests.bin", "uint8", m["examples"] * DIGEST).reshape(-1, DIGEST)
         self.task_names: list[str | None] = m["tasks"]
         self.index = index
 
@@ -167,6 +171,17 @@ class Prepared(Sequence):
         """The distinct tasks of these examples."""
         ids = np.unique(self._task_ids[self.index] if self.index is not None else self._task_ids)
         return {self.task_names[i] for i in ids}
+
+    def digests(self, chunk: int = 65536) -> Iterator[bytes]:
+        """`example_digest` of each example, in this sequence's order, a chunk of examples at a time; the whole
+        entry's are read from the file (no pages mapped), a subset's gathered from the map."""
+        if self.index is None:
+            with open(self.path / "digests.bin", "rb") as f:
+                while block := f.read(chunk * DIGEST):
+                    yield block
+            return
+        for a in range(0, len(self.index), chunk):
+            yield self._digests[self.index[a:a + chunk]].tobytes()
 
     def select(self, index) -> Prepared:
         """The examples at `index` (positions in this sequence), as another `Prepared` over the same arrays."""
@@ -231,6 +246,34 @@ def tasks_of(examples) -> set:
     return {ex.task for ex in examples}
 
 
+def example_digest(input_ids, labels) -> bytes:
+    """One example's digest (DIGEST bytes of blake2b over its ids and labels as int64): what the data fingerprint is
+    made of; an entry stores them, so a fingerprint never reads the token arrays."""
+    h = hashlib.blake2b(np.asarray(input_ids, dtype=np.int64).tobytes(), digest_size=DIGEST)
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def fingerprint(examples: Sequence) -> str:
+    """sha256 over the examples' digests in order: the same data, tokenized the same way, gives the same value, from
+    a list of examples or from the cache (its stored digests; memory bounded for any size)."""
+    h = hashlib.sha256()
+    for block in _digest_blocks(examples):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _digest_blocks(examples: Sequence) -> Iterator[bytes]:
+    if isinstance(examples, Prepared):
+        yield from examples.digests()
+    elif isinstance(examples, Chained):
+        yield from _digest_blocks(examples.first)
+        yield from _digest_blocks(examples.second)
+    else:
+        for ex in examples:
+            yield example_digest(ex.input_ids, ex.labels)
+
+
 class Chained(Sequence):
     """Two example sequences as one (index len(first) + j is second[j]), without copying either."""
 
@@ -272,10 +315,11 @@ def open_entry(path: Path) -> Prepared | None:
         if not meta.get("complete"):
             return None
         width = np.dtype(meta["ids_dtype"]).itemsize
-        sizes = {"input_ids.bin": meta["tokens"] * width, "mask.bin": meta["tokens"]}
+        sizes = {"input_ids.bin": meta["tokens"] * width, "mask.bin": meta["tokens"],
+                 "digests.bin": meta["examples"] * DIGEST}
         if meta["weights"]:
             sizes["weights.bin"] = meta["tokens"] * 4
-        if any(meta["tokens"] and (path / f).stat().st_size != n for f, n in sizes.items()):
+        if any(n and (path / f).stat().st_size != n for f, n in sizes.items()):
             return None
         prepared = Prepared(path, meta=meta)
         if len(prepared._offsets) != meta["examples"] + 1 or int(prepared._offsets[-1]) != meta["tokens"]:
@@ -333,6 +377,7 @@ class _Writer:
         self.ids = open(out / "input_ids.bin", "wb")
         self.mask = open(out / "mask.bin", "wb")
         self.weights = open(out / "weights.bin", "wb") if weights else None
+        self.digests = open(out / "digests.bin", "wb")
         self.lengths: list[int] = []
         self.task_ids: list[int] = []
         self.truncated: list[int] = []
@@ -348,6 +393,7 @@ class _Writer:
             raise AssertionError("labels differ from input ids at trained positions")
         self.ids.write(ids.astype(self.ids_dtype).tobytes())
         self.mask.write(trained.astype(np.uint8).tobytes())
+        self.digests.write(example_digest(ids, labels))
         if self.weights is not None:
             self.weights.write(np.asarray(ex.weights, dtype=np.float32).tobytes())
         self.lengths.append(len(ids))
@@ -363,7 +409,7 @@ class _Writer:
                     self.answers[task] = None
 
     def close(self, meta: dict) -> None:
-        for f in (self.ids, self.mask, self.weights):
+        for f in (self.ids, self.mask, self.weights, self.digests):
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())

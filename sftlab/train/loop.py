@@ -40,7 +40,8 @@ from rich.console import Console
 
 from ..config import RunConfig, dump_config
 from ..data.pipeline import DataReport, iter_examples
-from ..data.prepared import Built, Chained, Examples, Prepared, open_entry, prepare, prepared_line, tasks_of
+from ..data.prepared import (Built, Chained, Examples, Prepared, fingerprint, open_entry, prepare, prepared_line,
+                             tasks_of)
 from ..data.template import resolve_template
 from ..data.tokenize import Example
 from ..io import atomic_write, output_lock, progress
@@ -54,7 +55,7 @@ from .loss import TokenObjective, sft_loss_sum
 from .objective import LossFn, SFTLossModule
 from .mitigations import (add_l2_grad, frozen_copy, l2_anchor, mitigations_note, needs_base_copy, prepare_replay,
                           replay_counts, replay_share)
-from .outputs import MetricsLog, fingerprint, save_final, summary_line
+from .outputs import MetricsLog, save_final, summary_line
 from .plan import EpochPlanner, MicroBatchStream, collate, epoch_batches, trained_weight, validation_batches
 from .precision import MasterWeights, cast_model
 from .runtime import init_adamw_state, release_memory, reset_accelerate_state, tune_malloc

@@ -3,18 +3,14 @@ summary.json and the final HF-format model or adapter (written under a temporary
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from ..config import RunConfig, dump_config
 from ..data.template import ChatTemplate, end_of_turn_ids
-from ..data.prepared import Prepared
-from ..data.tokenize import Example
 from ..models import resolve_model
 
 
@@ -59,20 +55,6 @@ def _tensorboard(out: Path, console: Console):
         console.print("[yellow]train.tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only")
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def fingerprint(examples: list[Example]) -> str:
-    """sha256 of the examples' token ids and labels: the same data, tokenized the same way, gives the same value."""
-    h = hashlib.sha256()
-    if isinstance(examples, Prepared):  # from the memory-mapped arrays, without building examples
-        for i in range(len(examples)):
-            for a in examples.arrays(i):
-                h.update(a.tobytes())
-        return h.hexdigest()
-    for ex in examples:
-        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
-        h.update(np.asarray(ex.labels, dtype=np.int64).tobytes())
-    return h.hexdigest()
 
 
 def save_final(model, tokenizer, tmpl: ChatTemplate, cfg: RunConfig, out: Path,
