@@ -57,10 +57,13 @@ class Conversation:
                 for m in self.messages]
 
     def key(self) -> tuple:
-        """Identity for exact-duplicate detection."""
-        return (tuple((m.role, m.content, m.train, m.reasoning, json.dumps(m.tool_calls, sort_keys=True),
-                       json.dumps(m.fields, sort_keys=True)) for m in self.messages),
-                json.dumps(self.tools, sort_keys=True))
+        """Identity for exact-duplicate detection (structured parts as canonical JSON; an empty one as itself)."""
+        return (tuple((m.role, m.content, m.train, m.reasoning, _canonical(m.tool_calls), _canonical(m.fields))
+                      for m in self.messages), _canonical(self.tools))
+
+
+def _canonical(value):
+    return json.dumps(value, sort_keys=True) if value else value
 
 
 def detect_format(rec: dict) -> str | None:

@@ -98,14 +98,19 @@ def load_task_map(path: str | None) -> dict[str, str]:
     return out
 
 
-def _task_of(rec: dict, path: Path, opts: DataConfig, task_map: dict[str, str], where: Location) -> str | None:
+def _file_task(path: Path, task_map: dict[str, str]) -> str:
+    """The task of a file's records when no task field names it: its stem (a dataset directory's name), mapped."""
+    stem = path.stem if path.is_file() else path.name
+    return task_map.get(stem, stem)
+
+
+def _task_of(rec: dict, file_task: str, opts: DataConfig, where: Location) -> str | None:
     if opts.task_field:
         v = rec.get(opts.task_field)
         if v is None:
             raise DataError(where, "missing_field", f"task field {opts.task_field!r}")
         return str(v)
-    stem = path.stem if path.is_file() else path.name
-    return task_map.get(stem, stem)
+    return file_task
 
 
 def _handle(err: DataError, opts: DataConfig, report: DataReport) -> None:
@@ -137,6 +142,7 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
     file_tools = load_tools(opts.tools)
     for path in expand_paths(inputs):
         file_format = opts.format
+        file_task = _file_task(path, task_map)
         records = 0
         for where, rec in read_records(path):
             records += 1
@@ -156,7 +162,7 @@ def iter_conversations(inputs: list[str | Path], opts: DataConfig, report: DataR
                     file_format = fmt
                 elif fmt != file_format:
                     raise DataError(where, "mixed_formats", f"{fmt} record in a {file_format} file")
-                task = _task_of(rec, path, opts, task_map, where)
+                task = _task_of(rec, file_task, opts, where)
                 conv = to_conversation(rec, where, fmt, task, opts.strip)
                 if conv.tools is None:
                     conv.tools = file_tools

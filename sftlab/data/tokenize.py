@@ -60,23 +60,23 @@ def _stock_backend(tokenizer):
 @dataclass
 class _Piece:
     ids: list[int]
-    offsets: list[tuple]
+    offsets: list[tuple] | None
 
 
-def _encode(tokenizer, texts: list[str], split_special: bool = False) -> list:
+def _encode(tokenizer, texts: list[str], split_special: bool = False, offsets: bool = False) -> list:
     """Each text tokenized as `tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special)` does:
-    objects with `.ids` and `.offsets` (the Rust `Encoding`s where the tokenizer is a stock fast one: its offsets
-    become Python tuples only where asked for)."""
+    objects with `.ids`, and with `offsets` their `.offsets` (character spans)."""
     backend = _stock_backend(tokenizer)
     if backend is not None:
         # What tokenizer(...) runs for these arguments, without building a BatchEncoding and its offset lists
-        # (a third of the tokenizing time on T0).
+        # (a third of the tokenizing time on T0); without offsets, the call that does not track them either.
         if backend.encode_special_tokens != split_special:
             backend.encode_special_tokens = split_special
-        return backend.encode_batch(texts, add_special_tokens=False)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split_special,
-                    return_attention_mask=False)
-    return [_Piece(ids, offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+        fast = None if offsets else getattr(backend, "encode_batch_fast", None)
+        return (fast or backend.encode_batch)(texts, add_special_tokens=False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets,
+                    split_special_tokens=split_special, return_attention_mask=False)
+    return [_Piece(ids, offs) for ids, offs in zip(enc["input_ids"], enc.get("offset_mapping") or [None] * len(texts))]
 
 
 def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cuts: bool = True
@@ -98,32 +98,36 @@ def _pieces(rendered: Rendered, data_cuts: bool, end: int | None = None, span_cu
 class Encoded:
     """A text tokenized piece by piece: the concatenated ids, and for every piece boundary (character position)
     the index of the first token at or after it (pieces are tokenized alone, so no token straddles one)."""
+    text: str
     pieces: list[tuple[int, int, bool]]
-    encodings: list  # per piece, from _encode
     ids: list[int]
     at: dict[int, int]
+    tokenizer: object
 
     def token_at(self, char: int) -> int:
-        """Index of the token holding character `char` (the next token if none does)."""
-        k = next(k for k, (a, b, _) in enumerate(self.pieces) if a <= char < b)
-        a = self.pieces[k][0]
-        return self.at[a] + bisect_right(self.encodings[k].offsets, char - a, key=_END)  # first token ending after
+        """Index of the token holding character `char` (the next token if none does): the one piece holding it is
+        tokenized again with character offsets (only truncation asks, once per truncated example)."""
+        a, b, is_data = next(p for p in self.pieces if p[0] <= char < p[1])
+        offsets = _encode(self.tokenizer, [self.text[a:b]], split_special=is_data, offsets=True)[0].offsets
+        return self.at[a] + bisect_right(offsets, char - a, key=_END)  # first token ending after
 
 
 def _encode_pieces(tokenizer, items: list[tuple[str, list[tuple[int, int, bool]]]]) -> list[Encoded]:
     """Each (text, pieces) tokenized piece by piece (data pieces with control tokens split into plain text) and
-    concatenated; one batched call per kind of piece."""
+    concatenated; one batched call per kind of piece, each distinct piece text tokenized once (the template's own
+    pieces repeat in every example, short answers in many)."""
     flat = [(n, a, b, is_data) for n, (_, pieces) in enumerate(items) for a, b, is_data in pieces]
     encoded: dict[int, object] = {}
     for kind in (False, True):
         idx = [i for i, f in enumerate(flat) if f[3] == kind]
         if idx:
             texts = [items[flat[i][0]][0][flat[i][1]:flat[i][2]] for i in idx]
-            encoded.update(zip(idx, _encode(tokenizer, texts, split_special=kind)))
-    out = [Encoded(pieces, [], [], {0: 0}) for _, pieces in items]
+            distinct = list(dict.fromkeys(texts))
+            once = dict(zip(distinct, _encode(tokenizer, distinct, split_special=kind)))
+            encoded.update((i, once[t]) for i, t in zip(idx, texts))
+    out = [Encoded(text, pieces, [], {0: 0}, tokenizer) for text, pieces in items]
     for i, (n, a, b, _) in enumerate(flat):
         e = out[n]
-        e.encodings.append(encoded[i])
         e.at[a] = len(e.ids)
         e.ids.extend(encoded[i].ids)
         e.at[b] = len(e.ids)
