@@ -62,8 +62,9 @@ class Conversation:
                       for m in self.messages), _canonical(self.tools))
 
 
-def _canonical(value):
-    return json.dumps(value, sort_keys=True) if value else value
+def _canonical(value) -> str:
+    """A structured part as canonical JSON (an empty one, the common case, without the JSON encoder)."""
+    return json.dumps(value, sort_keys=True) if value else repr(value)
 
 
 def detect_format(rec: dict) -> str | None:
